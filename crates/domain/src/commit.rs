@@ -1,0 +1,157 @@
+//! Group commit: concurrent sends are gathered into batches so that many
+//! messages cost one transaction. A send's future resolves only after the
+//! transaction holding it has committed.
+//!
+//! The writer also hands each committed batch to the [`Fanout`] in seq order,
+//! so live pushes of a room leave in the order they were numbered.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::task::JoinHandle;
+
+use crate::fanout::Fanout;
+use crate::model::{Appended, NewMessage};
+use crate::store::MessageStore;
+use crate::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct CommitConfig {
+    /// Concurrent writer tasks. 1 for SQLite (one writer at a time anyway).
+    pub writers: usize,
+    /// Most messages in one transaction.
+    pub max_batch: usize,
+    /// Sends waiting for a writer; past it a send waits up to `enqueue_timeout`.
+    pub queue: usize,
+    pub enqueue_timeout: Duration,
+}
+
+impl Default for CommitConfig {
+    fn default() -> Self {
+        Self { writers: 1, max_batch: 512, queue: 8192, enqueue_timeout: Duration::from_millis(200) }
+    }
+}
+
+struct Pending {
+    message: NewMessage,
+    reply: oneshot::Sender<Result<Appended>>,
+}
+
+pub struct GroupCommitter {
+    tx: mpsc::Sender<Pending>,
+    enqueue_timeout: Duration,
+    /// Set by `shutdown`: new sends are refused, queued ones still commit.
+    closing: AtomicBool,
+    /// Sends enqueued and not yet answered.
+    in_flight: Arc<AtomicUsize>,
+    _writers: Vec<JoinHandle<()>>,
+}
+
+impl GroupCommitter {
+    pub fn start(store: Arc<dyn MessageStore>, fanout: Arc<dyn Fanout>, config: CommitConfig) -> Self {
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let writers = (0..config.writers.max(1))
+            .map(|_| {
+                tokio::spawn(writer(
+                    store.clone(),
+                    fanout.clone(),
+                    rx.clone(),
+                    config.max_batch.max(1),
+                    in_flight.clone(),
+                ))
+            })
+            .collect();
+        Self {
+            tx,
+            enqueue_timeout: config.enqueue_timeout,
+            closing: AtomicBool::new(false),
+            in_flight,
+            _writers: writers,
+        }
+    }
+
+    /// Stores one message; resolves once its batch has committed.
+    pub async fn append(&self, message: NewMessage) -> Result<Appended> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(Error::Unavailable("the server is shutting down; retry on another one".into()));
+        }
+        let (reply, done) = oneshot::channel();
+        // Counted until a writer has answered it, even if our caller goes away.
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send_timeout(Pending { message, reply }, self.enqueue_timeout).await.is_err() {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!("stacker_commit_rejected_total").increment(1);
+            return Err(Error::Unavailable("the server is busy storing messages; retry shortly".into()));
+        }
+        done.await.map_err(|_| Error::Unavailable("the message writer stopped; retry".into()))?
+    }
+
+    /// Refuses new sends and waits until every accepted one is committed.
+    pub async fn shutdown(&self) {
+        self.closing.store(true, Ordering::Release);
+        while self.in_flight.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+async fn writer(
+    store: Arc<dyn MessageStore>,
+    fanout: Arc<dyn Fanout>,
+    rx: Arc<Mutex<mpsc::Receiver<Pending>>>,
+    max_batch: usize,
+    in_flight: Arc<AtomicUsize>,
+) {
+    let mut batch = Vec::with_capacity(max_batch);
+    loop {
+        {
+            let mut rx = rx.lock().await;
+            if rx.recv_many(&mut batch, max_batch).await == 0 {
+                return; // every sender is gone and the queue is empty
+            }
+        }
+        let answered = batch.len();
+        commit(&*store, &*fanout, &mut batch).await;
+        in_flight.fetch_sub(answered, Ordering::AcqRel);
+    }
+}
+
+async fn commit(store: &dyn MessageStore, fanout: &dyn Fanout, batch: &mut Vec<Pending>) {
+    let messages: Vec<NewMessage> = batch.iter().map(|p| p.message.clone()).collect();
+    let started = Instant::now();
+    let mut result = store.append(&messages).await;
+    if matches!(result, Err(Error::Conflict(_))) {
+        // Another writer stored one of these client_msg_ids between our check and
+        // our insert; a second try sees it and returns it as a duplicate.
+        result = store.append(&messages).await;
+    }
+    metrics::histogram!("stacker_commit_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("stacker_commit_batch_size").record(batch.len() as f64);
+    match result {
+        Ok(outcomes) if outcomes.len() == batch.len() => {
+            // A duplicate is acknowledged again (the client is retrying) but was
+            // pushed when it was first stored.
+            for outcome in &outcomes {
+                fanout.message_stored(outcome.message(), matches!(outcome, Appended::Stored(_))).await;
+            }
+            for (pending, outcome) in batch.drain(..).zip(outcomes) {
+                let _ = pending.reply.send(Ok(outcome));
+            }
+        }
+        other => {
+            let reason = match other {
+                Err(e) => e.to_string(),
+                Ok(o) => format!("store returned {} results for {} messages", o.len(), batch.len()),
+            };
+            tracing::error!(%reason, size = batch.len(), "message batch failed; senders get 503 and may retry");
+            metrics::counter!("stacker_commit_failures_total").increment(1);
+            for pending in batch.drain(..) {
+                let _ = pending.reply.send(Err(Error::Unavailable("could not store the message; retry".into())));
+            }
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The push engine: a pool of workers that fan stored messages out to online
+//! members. A room's member list is split into batches; batch `k` of room `r`
+//! always goes to worker `(r + k) % workers`, so every member's messages of a
+//! room pass through one worker and stay in order.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::members::{MemberCache, MemberList};
+use super::{DeliveryConfig, Frame, Hub, Push};
+use crate::model::{Message, RoomId};
+use stacker_proto::http::ChatMessage;
+use stacker_proto::ws::ServerFrame;
+
+struct Job {
+    room: RoomId,
+    seq: i64,
+    frame: Frame,
+    members: MemberList,
+    range: std::ops::Range<usize>,
+    queued_at: Instant,
+}
+
+pub struct Dispatcher {
+    queues: Vec<mpsc::Sender<Job>>,
+    members: Arc<MemberCache>,
+    batch_size: usize,
+    workers: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Dispatcher {
+    pub fn start(hub: Arc<Hub>, members: Arc<MemberCache>, config: &DeliveryConfig) -> Self {
+        let mut queues = Vec::new();
+        let mut workers = Vec::new();
+        for _ in 0..config.workers.max(1) {
+            let (tx, rx) = mpsc::channel(config.worker_queue.max(1));
+            queues.push(tx);
+            workers.push(tokio::spawn(worker(rx, hub.clone(), config.enqueue_timeout)));
+        }
+        Self { queues, members, batch_size: config.batch_size.max(1), workers: tokio::sync::Mutex::new(workers) }
+    }
+
+    /// Encodes the message once and queues its fan-out. Waits while the
+    /// workers' queues are full (back-pressure on senders, bounded memory).
+    pub async fn dispatch_message(&self, message: &Message) {
+        let members = match self.members.get(message.room_id).await {
+            Ok(m) => m,
+            Err(e) => {
+                // Stored but not pushed: members get it from the store on their next
+                // catch-up (reconnect, sync, or the next message's gap).
+                tracing::warn!(room = message.room_id, error = %e, "cannot load members; skipping live push");
+                metrics::counter!("stacker_dispatch_failures_total").increment(1);
+                return;
+            }
+        };
+        let frame = Frame::encode(&ServerFrame::Chat(ChatMessage::from(message)));
+        let workers = self.queues.len();
+        for (k, start) in (0..members.len()).step_by(self.batch_size).enumerate() {
+            let job = Job {
+                room: message.room_id,
+                seq: message.seq,
+                frame: frame.clone(),
+                members: members.clone(),
+                range: start..(start + self.batch_size).min(members.len()),
+                queued_at: Instant::now(),
+            };
+            let worker = (message.room_id as u64).wrapping_add(k as u64) % workers as u64;
+            if self.queues[worker as usize].send(job).await.is_err() {
+                return; // shutting down
+            }
+        }
+    }
+
+    /// Stops taking work and waits for the queued fan-outs.
+    pub async fn shutdown(&self) {
+        // Workers end when their queues close; closing needs the senders gone,
+        // which only happens on drop, so wait for the queues to drain instead.
+        for q in &self.queues {
+            while q.capacity() < q.max_capacity() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        self.workers.lock().await.clear();
+    }
+}
+
+async fn worker(mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>, enqueue_timeout: Duration) {
+    while let Some(job) = rx.recv().await {
+        metrics::histogram!("stacker_dispatch_queue_seconds").record(job.queued_at.elapsed().as_secs_f64());
+        let started = Instant::now();
+        let mut delivered = 0u64;
+        for user in &job.members[job.range.clone()] {
+            if let Some(conns) = hub.user_connections(*user) {
+                for conn in conns.iter() {
+                    let push = Push::Message { room: job.room, seq: job.seq, frame: job.frame.clone() };
+                    conn.offer(push, enqueue_timeout).await;
+                    delivered += 1;
+                }
+            }
+        }
+        metrics::counter!("stacker_pushes_total").increment(delivered);
+        metrics::histogram!("stacker_enqueue_seconds").record(started.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,197 @@
+//! The registry of open connections, by user.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::{SendTimeoutError, TrySendError};
+
+use super::Frame;
+use crate::model::{RoomId, UserId};
+use crate::{Error, Result};
+
+const SHARDS: usize = 64;
+
+/// What a connection's session is asked to write or do.
+#[derive(Clone, Debug)]
+pub enum Push {
+    /// A stored message of `room`, encoded once as a `chat` frame.
+    Message {
+        room: RoomId,
+        seq: i64,
+        frame: Frame,
+    },
+    /// A frame outside seq order: ack, event, error, pong.
+    Frame(Frame),
+    /// The client's `sync`: it holds everything up to these seqs; replay the rest.
+    Sync(Vec<(RoomId, i64)>),
+    /// The user is no longer in `room`.
+    Left(RoomId),
+    Close {
+        code: u16,
+        reason: String,
+    },
+}
+
+/// Connection health as the dispatcher sees it.
+const OK: u8 = 0;
+/// A message did not fit: the session must catch up from the store.
+const LAGGING: u8 = 1;
+/// A frame that cannot be replayed did not fit: the session must close.
+const DOOMED: u8 = 2;
+
+/// A cheap, cloneable handle to one connection's queue.
+#[derive(Clone, Debug)]
+pub struct ConnHandle {
+    pub id: u64,
+    pub user_id: UserId,
+    pub device_id: Arc<str>,
+    tx: mpsc::Sender<Push>,
+    state: Arc<AtomicU8>,
+}
+
+impl ConnHandle {
+    /// Offers a push, waiting up to `timeout` for room. A message that does not
+    /// fit switches the connection to catch-up; any other frame that does not
+    /// fit dooms it (it will be closed and the client reconnects).
+    pub async fn offer(&self, push: Push, timeout: Duration) {
+        let state = self.state.load(Ordering::Acquire);
+        let is_message = matches!(push, Push::Message { .. });
+        if state == DOOMED || (state == LAGGING && is_message) {
+            return; // it will read these from the store
+        }
+        let full = match self.tx.try_send(push) {
+            Ok(()) => return,
+            Err(TrySendError::Closed(_)) => return,
+            Err(TrySendError::Full(push)) if !timeout.is_zero() => {
+                metrics::counter!("stacker_enqueue_waits_total").increment(1);
+                matches!(self.tx.send_timeout(push, timeout).await, Err(SendTimeoutError::Timeout(_)))
+            }
+            Err(TrySendError::Full(_)) => true,
+        };
+        if full {
+            let next = if is_message { LAGGING } else { DOOMED };
+            if self.state.fetch_max(next, Ordering::AcqRel) < next {
+                metrics::counter!("stacker_connection_overflows_total", "to" => if is_message { "catch_up" } else { "close" })
+                    .increment(1);
+            }
+        }
+    }
+
+    /// Takes the lagging mark (the session is about to catch up).
+    pub(crate) fn take_lagging(&self) -> bool {
+        self.state.compare_exchange(LAGGING, OK, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    pub(crate) fn is_doomed(&self) -> bool {
+        self.state.load(Ordering::Acquire) == DOOMED
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+type Shard = RwLock<HashMap<UserId, Arc<[ConnHandle]>>>;
+
+pub struct Hub {
+    shards: Vec<Shard>,
+    next_id: AtomicU64,
+    count: AtomicUsize,
+    max_connections: usize,
+    queue: usize,
+}
+
+impl Hub {
+    pub fn new(max_connections: usize, queue: usize) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            next_id: AtomicU64::new(1),
+            count: AtomicUsize::new(0),
+            max_connections,
+            queue: queue.max(1),
+        }
+    }
+
+    fn shard(&self, user: UserId) -> &Shard {
+        &self.shards[(user as u64 % SHARDS as u64) as usize]
+    }
+
+    pub fn connections(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Adds a connection; `Unavailable` past the connection limit.
+    pub fn register(&self, user_id: UserId, device_id: &str) -> Result<(ConnHandle, mpsc::Receiver<Push>)> {
+        if self.count.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::Unavailable("connection limit reached; try another gateway".into()));
+        }
+        let (tx, rx) = mpsc::channel(self.queue);
+        let handle = ConnHandle {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            user_id,
+            device_id: Arc::from(device_id),
+            tx,
+            state: Arc::new(AtomicU8::new(OK)),
+        };
+        let mut shard = self.shard(user_id).write().unwrap_or_else(|e| e.into_inner());
+        let mut list: Vec<ConnHandle> = shard.get(&user_id).map(|l| l.to_vec()).unwrap_or_default();
+        list.push(handle.clone());
+        shard.insert(user_id, list.into());
+        metrics::gauge!("stacker_connections").increment(1.0);
+        Ok((handle, rx))
+    }
+
+    pub fn unregister(&self, handle: &ConnHandle) {
+        let mut shard = self.shard(handle.user_id).write().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = shard.get(&handle.user_id) else { return };
+        if !list.iter().any(|c| c.id == handle.id) {
+            return;
+        }
+        let rest: Vec<ConnHandle> = list.iter().filter(|c| c.id != handle.id).cloned().collect();
+        if rest.is_empty() {
+            shard.remove(&handle.user_id);
+        } else {
+            shard.insert(handle.user_id, rest.into());
+        }
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("stacker_connections").decrement(1.0);
+    }
+
+    /// The user's open connections.
+    pub fn user_connections(&self, user: UserId) -> Option<Arc<[ConnHandle]>> {
+        self.shard(user).read().unwrap_or_else(|e| e.into_inner()).get(&user).cloned()
+    }
+
+    pub fn is_online(&self, user: UserId) -> bool {
+        self.user_connections(user).is_some()
+    }
+
+    pub async fn push_to_user(&self, user: UserId, push: &Push, timeout: Duration) {
+        if let Some(conns) = self.user_connections(user) {
+            for conn in conns.iter() {
+                conn.offer(push.clone(), timeout).await;
+            }
+        }
+    }
+
+    /// Asks every connection to close (each gets the close after what it has queued).
+    pub async fn close_all(&self, code: u16, reason: &str) {
+        let all: Vec<ConnHandle> = self
+            .shards
+            .iter()
+            .flat_map(|s| {
+                s.read().unwrap_or_else(|e| e.into_inner()).values().flat_map(|l| l.to_vec()).collect::<Vec<_>>()
+            })
+            .collect();
+        for conn in all {
+            let close = Push::Close { code, reason: reason.to_string() };
+            if conn.tx.send_timeout(close, Duration::from_millis(100)).await.is_err() {
+                conn.state.store(DOOMED, Ordering::Release);
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Realtime delivery (SPEC §3–4): the connection registry ([`Hub`]), the push
+//! engine ([`Dispatcher`]), per-connection ordering and catch-up ([`Session`]),
+//! and batched persistence of delivery cursors ([`AckBuffer`]).
+//!
+//! The transport (WebSocket) lives in the server crate; here a connection is a
+//! bounded queue of [`Push`]es and a [`Session`] that turns them into frames.
+//!
+//! How nothing is lost: a message is dispatched only after it is committed, a
+//! connection registers in the hub before it reads its cursors from the store,
+//! and each session writes a room's messages only in seq order, starting right
+//! after its cursor. A message that would leave a gap, a full queue, or a
+//! `sync` frame send the session to the store for what it is missing.
+
+mod acks;
+mod dispatch;
+mod frame;
+mod hub;
+mod members;
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use acks::AckBuffer;
+pub use dispatch::Dispatcher;
+pub use frame::Frame;
+pub use hub::{ConnHandle, Hub, Push};
+pub use members::MemberCache;
+pub use session::{Close, Session, SessionLimits};
+
+use crate::fanout::Fanout;
+use crate::model::{Message, RoomId, UserId};
+use crate::store::Store;
+use crate::{Error, Result};
+use stacker_proto::ws::{Event, ServerFrame};
+
+#[derive(Clone, Debug)]
+pub struct DeliveryConfig {
+    /// Dispatcher worker tasks.
+    pub workers: usize,
+    /// Jobs waiting per worker.
+    pub worker_queue: usize,
+    /// Members handled per dispatch job.
+    pub batch_size: usize,
+    /// Frames waiting per connection.
+    pub connection_queue: usize,
+    /// How long the dispatcher waits for room in a full connection queue
+    /// before it switches that connection to catch-up.
+    pub enqueue_timeout: Duration,
+    pub max_connections: usize,
+    pub session: SessionLimits,
+    /// How often acknowledged cursors are written to the store.
+    pub ack_flush_interval: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            workers: 4,
+            worker_queue: 4096,
+            batch_size: 100,
+            connection_queue: 1024,
+            enqueue_timeout: Duration::from_millis(100),
+            max_connections: 200_000,
+            session: SessionLimits::default(),
+            ack_flush_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The realtime side of a process: where stored messages and room events go.
+pub struct Delivery {
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    members: Arc<MemberCache>,
+    dispatcher: Dispatcher,
+    acks: AckBuffer,
+    config: DeliveryConfig,
+}
+
+impl Delivery {
+    pub fn start(store: Arc<dyn Store>, config: DeliveryConfig) -> Arc<Self> {
+        let hub = Arc::new(Hub::new(config.max_connections, config.connection_queue));
+        let members = Arc::new(MemberCache::new(store.clone()));
+        let dispatcher = Dispatcher::start(hub.clone(), members.clone(), &config);
+        let acks = AckBuffer::start(store.clone(), config.ack_flush_interval);
+        Arc::new(Self { store, hub, members, dispatcher, acks, config })
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    pub fn members(&self) -> &Arc<MemberCache> {
+        &self.members
+    }
+
+    /// Registers a connection and prepares its session: cursors come from the
+    /// device's acknowledged positions (or, for a new device, the user's).
+    pub async fn connect(&self, user_id: UserId, device_id: &str) -> Result<(ConnHandle, Session)> {
+        let (handle, rx) = self.hub.register(user_id, device_id)?;
+        // Registered first, read second: whatever commits from now on reaches the
+        // queue, whatever committed before is in the cursors' catch-up.
+        match Session::open(self.store.clone(), &handle, rx, self.config.session.clone()).await {
+            Ok(session) => Ok((handle, session)),
+            Err(e) => {
+                self.hub.unregister(&handle);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn disconnect(&self, handle: &ConnHandle) {
+        self.hub.unregister(handle);
+    }
+
+    pub fn enqueue_timeout(&self) -> Duration {
+        self.config.enqueue_timeout
+    }
+
+    /// A client acknowledged everything up to `seq` in `room`.
+    pub async fn ack(&self, user_id: UserId, device_id: &str, room: RoomId, seq: i64) -> Result<()> {
+        if seq < 0 {
+            return Err(Error::bad_request("seq must not be negative"));
+        }
+        if !self.members.is_member(room, user_id).await? {
+            return Err(Error::forbidden("you are not a member of this room"));
+        }
+        self.acks.record(user_id, device_id, room, seq);
+        Ok(())
+    }
+
+    /// Closes every connection with `code` and writes pending acks.
+    pub async fn shutdown(&self, code: u16, reason: &str) {
+        self.hub.close_all(code, reason).await;
+        self.dispatcher.shutdown().await;
+        self.acks.flush().await;
+    }
+}
+
+#[async_trait]
+impl Fanout for Delivery {
+    /// Acks go to every device of the sender; the push waits only for room in
+    /// the dispatch queue.
+    async fn message_stored(&self, message: &Message, push: bool) {
+        let ack = Frame::encode(&ServerFrame::Ack {
+            id: message.id.into(),
+            room_id: message.room_id.into(),
+            seq: message.seq,
+            client_msg_id: message.client_msg_id.clone(),
+        });
+        self.hub.push_to_user(message.sender_id, &Push::Frame(ack), self.config.enqueue_timeout).await;
+        if push {
+            self.dispatcher.dispatch_message(message).await;
+        }
+    }
+
+    /// Drops cached members, and tells a removed user's sessions to stop
+    /// delivering the room.
+    async fn membership_changed(&self, room: RoomId, removed: Option<UserId>) {
+        self.members.invalidate(room).await;
+        if let Some(user) = removed {
+            self.hub.push_to_user(user, &Push::Left(room), self.config.enqueue_timeout).await;
+        }
+    }
+
+    async fn notify(&self, users: &[UserId], event: Event) {
+        let frame = Frame::encode(&ServerFrame::Event(event));
+        for user in users {
+            self.hub.push_to_user(*user, &Push::Frame(frame.clone()), self.config.enqueue_timeout).await;
+        }
+    }
+}

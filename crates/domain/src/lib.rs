@@ -1,0 +1,21 @@
+//! Stacker's domain: accounts, rooms, messages and sequencing.
+//!
+//! Nothing here knows about HTTP, SQL or Redis. Services talk to storage through
+//! the traits in [`store`]; the SQL crate implements them, the server crate maps
+//! [`Error`] to HTTP.
+
+pub mod accounts;
+pub mod auth;
+pub mod clock;
+pub mod commit;
+pub mod delivery;
+mod error;
+pub mod fanout;
+pub mod ids;
+pub mod messages;
+pub mod model;
+pub mod rooms;
+pub mod store;
+pub mod validate;
+
+pub use error::{Error, Result};

@@ -1,0 +1,136 @@
+//! Sending, resending and reading messages.
+
+use std::sync::Arc;
+
+use crate::clock::now_ms;
+use crate::commit::GroupCommitter;
+use crate::fanout::Fanout;
+use crate::ids::IdGenerator;
+use crate::model::*;
+use crate::rooms::Rooms;
+use crate::store::Store;
+use crate::{validate, Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct MessageLimits {
+    /// Largest encoded `content` accepted (413 past it).
+    pub max_content_bytes: usize,
+    pub history_default: u32,
+    pub history_max: u32,
+}
+
+impl Default for MessageLimits {
+    fn default() -> Self {
+        Self { max_content_bytes: 16 * 1024, history_default: 50, history_max: 200 }
+    }
+}
+
+pub struct Messages {
+    store: Arc<dyn Store>,
+    rooms: Arc<Rooms>,
+    committer: GroupCommitter,
+    ids: Arc<IdGenerator>,
+    limits: MessageLimits,
+    fanout: Arc<dyn Fanout>,
+}
+
+/// The query of `GET /api/chat/history`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HistoryQuery {
+    pub before_seq: Option<i64>,
+    pub after_seq: Option<i64>,
+    pub limit: Option<u32>,
+}
+
+impl Messages {
+    pub fn new(
+        store: Arc<dyn Store>,
+        rooms: Arc<Rooms>,
+        committer: GroupCommitter,
+        ids: Arc<IdGenerator>,
+        limits: MessageLimits,
+        fanout: Arc<dyn Fanout>,
+    ) -> Self {
+        Self { store, rooms, committer, ids, limits, fanout }
+    }
+
+    pub fn limits(&self) -> &MessageLimits {
+        &self.limits
+    }
+
+    /// Validates, checks membership and mute, stores (group-committed).
+    /// A repeated `client_msg_id` returns the earlier message as `Duplicate`.
+    pub async fn send(
+        &self,
+        sender: UserId,
+        room_id: RoomId,
+        content: Content,
+        client_msg_id: Option<String>,
+    ) -> Result<Appended> {
+        if let Some(id) = &client_msg_id {
+            validate::client_msg_id(id)?;
+        }
+        validate::content(&content, self.limits.max_content_bytes)?;
+        self.rooms.room(room_id).await?;
+        let me = self.rooms.require_member(room_id, sender).await?;
+        let now = now_ms();
+        if me.mute_until > now {
+            return Err(Error::forbidden(format!("you are muted in this room until {}", me.mute_until)));
+        }
+        let message =
+            NewMessage { id: self.ids.next_id(), room_id, sender_id: sender, client_msg_id, content, created_at: now };
+        // The committer acknowledges and pushes it once stored.
+        let outcome = self.committer.append(message).await?;
+        if matches!(outcome, Appended::Stored(_)) {
+            metrics::counter!("stacker_messages_stored_total").increment(1);
+        }
+        Ok(outcome)
+    }
+
+    /// The original sender asks for a stored message again (same id and seq).
+    pub async fn resend(&self, actor: UserId, message_id: MessageId) -> Result<Message> {
+        let message = self.store.message(message_id).await?.ok_or_else(|| Error::not_found("message not found"))?;
+        if message.sender_id != actor {
+            return Err(Error::forbidden("only the message's sender may resend it"));
+        }
+        self.rooms.require_member(message.room_id, actor).await?;
+        self.fanout.message_stored(&message, true).await;
+        Ok(message)
+    }
+
+    /// A page of history in ascending seq, and whether more lies beyond it.
+    pub async fn history(&self, actor: UserId, room_id: RoomId, q: HistoryQuery) -> Result<(Vec<Message>, bool)> {
+        let limit = q.limit.unwrap_or(self.limits.history_default);
+        if !(1..=self.limits.history_max).contains(&limit) {
+            return Err(Error::bad_request(format!("limit must be 1 to {}", self.limits.history_max)));
+        }
+        let page = match (q.before_seq, q.after_seq) {
+            (Some(_), Some(_)) => return Err(Error::bad_request("give before_seq or after_seq, not both")),
+            (Some(seq), None) if seq >= 1 => HistoryPage::Before { seq, limit: limit + 1 },
+            (None, Some(seq)) if seq >= 0 => HistoryPage::After { seq, limit: limit + 1 },
+            (None, None) => HistoryPage::Latest { limit: limit + 1 },
+            _ => return Err(Error::bad_request("before_seq must be at least 1 and after_seq at least 0")),
+        };
+        self.rooms.room(room_id).await?;
+        self.rooms.require_member(room_id, actor).await?;
+        let mut messages = self.store.history(room_id, page).await?;
+        let has_more = messages.len() > limit as usize;
+        if has_more {
+            match page {
+                // The extra row is the oldest one for backwards pages, the newest forwards.
+                HistoryPage::After { .. } => {
+                    messages.pop();
+                }
+                _ => {
+                    messages.remove(0);
+                }
+            }
+        }
+        Ok((messages, has_more))
+    }
+
+    /// Waits until every accepted send is stored.
+    pub async fn shutdown(&self) {
+        self.committer.shutdown().await;
+    }
+}
