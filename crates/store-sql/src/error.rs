@@ -1,0 +1,113 @@
+//! sqlx errors → the domain's [`Error`], in one place.
+
+use std::future::Future;
+use std::time::Instant;
+
+use sqlx::error::{DatabaseError, ErrorKind};
+use stacker_domain::Error;
+
+/// What a failure means for the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// A unique key clash.
+    Unique,
+    /// Deadlock, serialization failure, lock wait timeout, SQLite busy: the
+    /// transaction was rolled back and running it again may well succeed.
+    Transient,
+    /// The database cannot be reached (connection, pool, I/O).
+    Unavailable,
+    Other,
+}
+
+pub(crate) fn classify(e: &sqlx::Error) -> Class {
+    match e {
+        sqlx::Error::Database(db) => classify_db(db.as_ref()),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => Class::Unavailable,
+        _ => Class::Other,
+    }
+}
+
+fn classify_db(db: &dyn DatabaseError) -> Class {
+    if db.kind() == ErrorKind::UniqueViolation {
+        return Class::Unique;
+    }
+    if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return match my.number() {
+            // ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT
+            1213 | 1205 => Class::Transient,
+            // ER_CON_COUNT_ERROR, ER_TOO_MANY_USER_CONNECTIONS, ER_SERVER_SHUTDOWN,
+            // ER_SERVER_GONE_ERROR-ish admin kills
+            1040 | 1203 | 1053 | 1927 => Class::Unavailable,
+            _ => Class::Other,
+        };
+    }
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // The code is SQLite's extended result code; the low byte is the primary one.
+        let code = db.code().and_then(|c| c.parse::<i64>().ok()).unwrap_or(0);
+        return match code & 0xff {
+            5 | 6 => Class::Transient, // SQLITE_BUSY, SQLITE_LOCKED
+            _ => Class::Other,
+        };
+    }
+    // PostgreSQL: SQLSTATE.
+    match db.code().as_deref() {
+        Some("40001") | Some("40P01") | Some("55P03") => Class::Transient,
+        Some(code) if code.starts_with("08") || code.starts_with("57P") || code == "53300" => Class::Unavailable,
+        _ => Class::Other,
+    }
+}
+
+/// What clashed, for the `Conflict` message (which a client may see).
+fn unique_subject(e: &sqlx::Error) -> &'static str {
+    let sqlx::Error::Database(db) = e else { return "a record with that key" };
+    let text = format!("{} {}", db.constraint().unwrap_or(""), db.message()).to_ascii_lowercase();
+    if text.contains("username") {
+        "a user with that username"
+    } else if text.contains("direct_key") {
+        "a direct room between these users"
+    } else if text.contains("client_msg_id") || text.contains("sender_client") {
+        "a message with that client_msg_id"
+    } else if text.contains("room_seq") || text.contains("messages.seq") {
+        "a message with that seq"
+    } else if text.contains("room_members") {
+        "that membership"
+    } else {
+        "a record with that key"
+    }
+}
+
+/// The one mapping from sqlx errors to the domain's errors. Details go to the
+/// log; `Conflict` and `Unavailable` texts are safe to show a client.
+pub(crate) fn map_err(op: &'static str, e: sqlx::Error) -> Error {
+    match classify(&e) {
+        Class::Unique => Error::Conflict(format!("{} already exists", unique_subject(&e))),
+        Class::Transient => {
+            tracing::warn!(op, error = %e, "database busy");
+            Error::Unavailable("database busy; retry".into())
+        }
+        Class::Unavailable => {
+            tracing::warn!(op, error = %e, "database unavailable");
+            Error::Unavailable("database unavailable".into())
+        }
+        Class::Other => Error::Store(format!("{op}: {e}")),
+    }
+}
+
+/// Times one store operation: `stacker_store_seconds{op}` always,
+/// `stacker_store_errors_total{op}` when it failed for a reason other than a
+/// documented outcome (`Conflict`, `NotFound`).
+pub(crate) async fn observe<T>(op: &'static str, fut: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    let started = Instant::now();
+    let result = fut.await;
+    metrics::histogram!("stacker_store_seconds", "op" => op).record(started.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        if !matches!(e, Error::Conflict(_) | Error::NotFound(_)) {
+            metrics::counter!("stacker_store_errors_total", "op" => op).increment(1);
+        }
+    }
+    result
+}

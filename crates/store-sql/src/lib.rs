@@ -1,0 +1,310 @@
+//! Stacker's store traits ([`stacker_domain::store`]) on SQL: SQLite (the
+//! embedded default), MySQL/MariaDB and PostgreSQL, through one implementation
+//! over sqlx's `Any` driver.
+//!
+//! - Statements are written with `?` placeholders; [`Dialect::sql`] numbers
+//!   them for PostgreSQL. Only a handful of statements differ by dialect
+//!   (insert-if-absent, reading back a reserved seq).
+//! - Every integer is stored as a 64-bit integer (ids, seqs, Unix ms times,
+//!   codes, 0/1 booleans) and every string as text, which keeps clear of the
+//!   `Any` driver's type-mapping gaps. Message content is JSON text.
+//! - The schema lives in `migrations/{sqlite,mysql,postgres}` and is applied by
+//!   [`SqlStore::connect`]. Nothing at build time needs a database.
+//! - Seqs: `append` reserves a room's seqs with
+//!   `UPDATE rooms SET last_seq = last_seq + n`, whose row lock serializes every
+//!   writer of that room (any number of processes) until commit, so seqs never
+//!   gap or repeat. Rooms are locked in ascending id order, so writers never
+//!   deadlock each other. On SQLite the write lock is taken up front
+//!   (`BEGIN IMMEDIATE`).
+
+mod cursors;
+mod dialect;
+mod error;
+mod messages;
+mod rooms;
+mod rows;
+mod users;
+
+use std::path::Path;
+use std::sync::Once;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::any::{AnyPoolOptions, AnyQueryResult};
+use sqlx::migrate::Migrator;
+use sqlx::{Any, AnyPool, Executor};
+use stacker_domain::store::Store;
+use stacker_domain::{Error, Result};
+
+pub use dialect::Dialect;
+
+use error::{map_err, observe};
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+static MYSQL_MIGRATIONS: Migrator = sqlx::migrate!("migrations/mysql");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Pool and connection settings for [`SqlStore::connect`].
+#[derive(Clone, Debug)]
+pub struct SqlOptions {
+    /// Most pooled connections. An in-memory SQLite database always uses one.
+    pub max_connections: u32,
+    /// Connections kept open when idle.
+    pub min_connections: u32,
+    /// How long a query waits for a free connection before failing with
+    /// `Error::Unavailable`.
+    pub acquire_timeout: Duration,
+    /// Idle connections above `min_connections` are closed after this long.
+    pub idle_timeout: Option<Duration>,
+    /// SQLite only: how long a statement waits for another writer's lock.
+    pub sqlite_busy_timeout: Duration,
+    /// Apply pending migrations on connect (the default).
+    pub migrate: bool,
+}
+
+impl Default for SqlOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            min_connections: 0,
+            acquire_timeout: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_secs(600)),
+            sqlite_busy_timeout: Duration::from_secs(5),
+            migrate: true,
+        }
+    }
+}
+
+/// The SQL store: implements [`Store`] for SQLite, MySQL/MariaDB and PostgreSQL.
+#[derive(Clone, Debug)]
+pub struct SqlStore {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+/// Installs sqlx's `Any` drivers once per process.
+fn install_drivers() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(sqlx::any::install_default_drivers);
+}
+
+/// The file path of a SQLite URL, or `None` for an in-memory database.
+fn sqlite_path(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
+    let (path, query) = match rest.find('?') {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, ""),
+    };
+    if path.is_empty() || path == ":memory:" || query.split('&').any(|kv| kv == "mode=memory") {
+        None
+    } else {
+        Some(path)
+    }
+}
+
+/// A SQLite file URL that creates the file when missing, unless it names a mode.
+fn sqlite_url_with_mode(url: &str) -> String {
+    match url.find('?') {
+        Some(i) if url[i + 1..].split('&').any(|kv| kv.starts_with("mode=")) => url.to_string(),
+        Some(_) => format!("{url}&mode=rwc"),
+        None => format!("{url}?mode=rwc"),
+    }
+}
+
+impl SqlStore {
+    /// Connects to `url` (`sqlite://path/to/file.db`, `sqlite::memory:`,
+    /// `mysql://…`, `mariadb://…`, `postgres://…`) and applies pending migrations.
+    ///
+    /// SQLite: the file and its directory are created when missing (unless the
+    /// URL names a `mode=`), and every connection runs with WAL journaling,
+    /// `synchronous=NORMAL`, foreign keys on and a busy timeout. An in-memory
+    /// database uses a single connection that is never recycled.
+    pub async fn connect(url: &str, opts: SqlOptions) -> Result<SqlStore> {
+        install_drivers();
+        let dialect = Dialect::from_url(url).ok_or_else(|| {
+            Error::Store("unsupported database URL: it must start with sqlite:, mysql:, mariadb: or postgres:".into())
+        })?;
+        let mut url = url.to_string();
+        let mut pool = AnyPoolOptions::new()
+            .max_connections(opts.max_connections.max(1))
+            .min_connections(opts.min_connections.min(opts.max_connections.max(1)))
+            .acquire_timeout(opts.acquire_timeout)
+            .idle_timeout(opts.idle_timeout);
+        if dialect == Dialect::Sqlite {
+            match sqlite_path(&url) {
+                Some(path) => {
+                    if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(dir).map_err(|e| {
+                            Error::Store(format!("cannot create the SQLite directory {}: {e}", dir.display()))
+                        })?;
+                    }
+                    url = sqlite_url_with_mode(&url);
+                }
+                None => {
+                    // Each connection to `:memory:` is its own database: keep exactly one, forever.
+                    pool = pool.max_connections(1).min_connections(1).idle_timeout(None).max_lifetime(None);
+                }
+            }
+            let busy_ms = opts.sqlite_busy_timeout.as_millis();
+            pool = pool.after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute(format!("PRAGMA busy_timeout = {busy_ms}").as_str()).await?;
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    conn.execute("PRAGMA foreign_keys = ON").await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = pool.connect(&url).await.map_err(|e| match error::classify(&e) {
+            error::Class::Unavailable => Error::Unavailable(format!("cannot connect to the {dialect} database: {e}")),
+            _ => Error::Store(format!("cannot open the {dialect} database: {e}")),
+        })?;
+        let store = SqlStore { pool, dialect };
+        if opts.migrate {
+            store.migrate().await?;
+        }
+        Ok(store)
+    }
+
+    /// Applies pending migrations for this store's dialect (done by `connect`
+    /// unless [`SqlOptions::migrate`] is off). Safe to run from several
+    /// processes at once on MySQL/PostgreSQL (sqlx takes an advisory lock).
+    pub async fn migrate(&self) -> Result<()> {
+        let migrator = match self.dialect {
+            Dialect::Sqlite => &SQLITE_MIGRATIONS,
+            Dialect::Mysql => &MYSQL_MIGRATIONS,
+            Dialect::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|e| Error::Store(format!("{} database migration failed: {e}", self.dialect)))
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// How many concurrent message writers (group-commit tasks) suit this
+    /// database: 1 for SQLite, which has one writer at a time anyway; 4 otherwise.
+    pub fn recommended_writers(&self) -> usize {
+        match self.dialect {
+            Dialect::Sqlite => 1,
+            _ => 4,
+        }
+    }
+
+    /// The connection pool (for tests and tools).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Closes the pool, waiting for checked-out connections to return.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    fn sql<'a>(&self, sql: &'a str) -> std::borrow::Cow<'a, str> {
+        self.dialect.sql(sql)
+    }
+
+    fn sql_owned(&self, sql: String) -> String {
+        match self.dialect {
+            Dialect::Postgres => dialect::numbered_placeholders(&sql),
+            _ => sql,
+        }
+    }
+
+    /// Begins a transaction that will write. SQLite takes the database's write
+    /// lock at once (`BEGIN IMMEDIATE`), so it waits up to the busy timeout
+    /// instead of failing on a lock upgrade later.
+    async fn begin_write(&self) -> std::result::Result<Tx, sqlx::Error> {
+        match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            _ => self.pool.begin().await,
+        }
+    }
+}
+
+type Tx = sqlx::Transaction<'static, Any>;
+
+/// Why a transaction body failed: the database, or a domain rule.
+pub(crate) enum Fail {
+    Db(sqlx::Error),
+    Domain(Error),
+}
+
+impl From<sqlx::Error> for Fail {
+    fn from(e: sqlx::Error) -> Self {
+        Fail::Db(e)
+    }
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Fail::Domain(e)
+    }
+}
+
+impl Fail {
+    fn into_error(self, op: &'static str) -> Error {
+        match self {
+            Fail::Db(e) => map_err(op, e),
+            Fail::Domain(e) => e,
+        }
+    }
+}
+
+/// Commits on success; rolls back (explicitly, not on drop) on failure.
+async fn finish<T>(tx: Tx, result: std::result::Result<T, Fail>) -> std::result::Result<T, Fail> {
+    match result {
+        Ok(value) => {
+            tx.commit().await?;
+            Ok(value)
+        }
+        Err(e) => {
+            if let Err(rollback) = tx.rollback().await {
+                tracing::warn!(error = %rollback, "rollback failed; the connection is discarded");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn affected(result: &AnyQueryResult) -> u64 {
+    result.rows_affected()
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn ping(&self) -> Result<()> {
+        observe("ping", async {
+            sqlx::query("SELECT 1").execute(&self.pool).await.map_err(|e| map_err("ping", e))?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_paths() {
+        assert_eq!(sqlite_path("sqlite://data/x.db?mode=rwc"), Some("data/x.db"));
+        assert_eq!(sqlite_path("sqlite:///tmp/x.db"), Some("/tmp/x.db"));
+        assert_eq!(sqlite_path("sqlite:x.db"), Some("x.db"));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("sqlite://:memory:"), None);
+        assert_eq!(sqlite_path("sqlite://x?mode=memory&cache=shared"), None);
+    }
+
+    #[test]
+    fn sqlite_mode_is_added_once() {
+        assert_eq!(sqlite_url_with_mode("sqlite://x.db"), "sqlite://x.db?mode=rwc");
+        assert_eq!(sqlite_url_with_mode("sqlite://x.db?cache=shared"), "sqlite://x.db?cache=shared&mode=rwc");
+        assert_eq!(sqlite_url_with_mode("sqlite://x.db?mode=ro"), "sqlite://x.db?mode=ro");
+    }
+}

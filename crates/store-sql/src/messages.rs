@@ -1,0 +1,305 @@
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::AnyConnection;
+use stacker_domain::model::*;
+use stacker_domain::store::MessageStore;
+use stacker_domain::{Error, Result};
+
+use crate::dialect::{value_groups, Dialect};
+use crate::error::{classify, map_err, observe, Class};
+use crate::rows;
+use crate::{affected, finish, Fail, SqlStore};
+
+/// Most rows in one multi-row `INSERT` (8 parameters each).
+const INSERT_CHUNK: usize = 100;
+/// Most `(sender, client_msg_id)` pairs looked up in one statement.
+const DEDUPE_CHUNK: usize = 200;
+/// Runs of an append transaction that hit a deadlock or serialization failure
+/// (MySQL/PostgreSQL; such a transaction was rolled back, so running it again is safe).
+const MAX_ATTEMPTS: usize = 3;
+const MESSAGE_NCOLS: usize = 8;
+
+/// The batch, checked and encoded before any database work.
+struct Prepared<'a> {
+    batch: &'a [NewMessage],
+    /// Content as JSON text, per item.
+    json: Vec<String>,
+    /// For an item repeating an earlier item's `(sender, client_msg_id)`: that item.
+    repeat_of: Vec<Option<usize>>,
+    /// Distinct `(sender, client_msg_id)` pairs of the batch, first occurrences.
+    pairs: Vec<(UserId, &'a str)>,
+}
+
+impl<'a> Prepared<'a> {
+    fn new(batch: &'a [NewMessage]) -> Result<Self> {
+        let json = batch.iter().map(|m| rows::content_json(&m.content)).collect::<Result<Vec<_>>>()?;
+        let mut first: HashMap<(UserId, &str), usize> = HashMap::new();
+        let mut repeat_of = Vec::with_capacity(batch.len());
+        let mut pairs = Vec::new();
+        for (i, m) in batch.iter().enumerate() {
+            let earlier = m.client_msg_id.as_deref().and_then(|cid| match first.get(&(m.sender_id, cid)) {
+                Some(j) => Some(*j),
+                None => {
+                    first.insert((m.sender_id, cid), i);
+                    pairs.push((m.sender_id, cid));
+                    None
+                }
+            });
+            repeat_of.push(earlier);
+        }
+        Ok(Self { batch, json, repeat_of, pairs })
+    }
+}
+
+impl SqlStore {
+    /// Messages already stored under any of `pairs`.
+    async fn stored_by_client_id(
+        &self,
+        conn: &mut AnyConnection,
+        pairs: &[(UserId, &str)],
+    ) -> std::result::Result<HashMap<(UserId, String), Message>, Fail> {
+        let mut found = HashMap::new();
+        for chunk in pairs.chunks(DEDUPE_CHUNK) {
+            // OR of equalities on (sender_id, client_msg_id): a range/index look-up
+            // on the unique index on every database (unlike a cross-product of two
+            // IN lists, which fetches other senders' rows).
+            let cond = vec!["(sender_id = ? AND client_msg_id = ?)"; chunk.len()].join(" OR ");
+            let sql = self.sql_owned(format!("SELECT {} FROM messages WHERE {cond}", rows::message_cols("")));
+            let mut query = sqlx::query(&sql).persistent(chunk.len() <= 2);
+            for (sender, cid) in chunk {
+                query = query.bind(*sender).bind(*cid);
+            }
+            for row in query.fetch_all(&mut *conn).await? {
+                let message = rows::message(&row, 0)?;
+                if let Some(cid) = message.client_msg_id.clone() {
+                    found.insert((message.sender_id, cid), message);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Reserves `n` seqs in `room`; returns the last one. The row lock taken
+    /// here is held until commit, serializing every writer of the room.
+    async fn reserve_seqs(&self, conn: &mut AnyConnection, room: RoomId, n: i64) -> std::result::Result<i64, Fail> {
+        let missing = || Fail::Domain(Error::not_found(format!("room {room} not found")));
+        match self.dialect {
+            Dialect::Mysql => {
+                // No UPDATE … RETURNING: LAST_INSERT_ID(expr) hands the new value
+                // back in the statement's OK packet; fall back to reading it.
+                let done = sqlx::query("UPDATE rooms SET last_seq = LAST_INSERT_ID(last_seq + ?) WHERE id = ?")
+                    .bind(n)
+                    .bind(room)
+                    .execute(&mut *conn)
+                    .await?;
+                if affected(&done) == 0 {
+                    return Err(missing());
+                }
+                match done.last_insert_id() {
+                    Some(last) if last >= n => Ok(last),
+                    _ => {
+                        let row = sqlx::query("SELECT last_seq FROM rooms WHERE id = ?")
+                            .bind(room)
+                            .fetch_optional(&mut *conn)
+                            .await?
+                            .ok_or_else(missing)?;
+                        Ok(rows::int(&row, 0)?)
+                    }
+                }
+            }
+            Dialect::Sqlite | Dialect::Postgres => {
+                let sql = self.sql("UPDATE rooms SET last_seq = last_seq + ? WHERE id = ? RETURNING last_seq");
+                let row = sqlx::query(&sql).bind(n).bind(room).fetch_optional(&mut *conn).await?.ok_or_else(missing)?;
+                Ok(rows::int(&row, 0)?)
+            }
+        }
+    }
+
+    async fn insert_messages(
+        &self,
+        conn: &mut AnyConnection,
+        messages: &[&Message],
+        json: &[&str],
+    ) -> std::result::Result<(), Fail> {
+        let items: Vec<(&Message, &str)> = messages.iter().copied().zip(json.iter().copied()).collect();
+        for chunk in items.chunks(INSERT_CHUNK) {
+            let sql = self.sql_owned(format!(
+                "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, content, created_at, flags) VALUES {}",
+                value_groups(chunk.len(), MESSAGE_NCOLS)
+            ));
+            let mut query = sqlx::query(&sql).persistent(chunk.len() <= 2 || chunk.len() == INSERT_CHUNK);
+            for (m, content) in chunk {
+                query = query
+                    .bind(m.id)
+                    .bind(m.room_id)
+                    .bind(m.seq)
+                    .bind(m.sender_id)
+                    .bind(m.client_msg_id.as_deref())
+                    .bind(*content)
+                    .bind(m.created_at)
+                    .bind(0i64);
+            }
+            query.execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+
+    /// One run of the append transaction.
+    async fn append_in(
+        &self,
+        conn: &mut AnyConnection,
+        prep: &Prepared<'_>,
+    ) -> std::result::Result<Vec<Appended>, Fail> {
+        let batch = prep.batch;
+        // 1. Dedupe against the store.
+        let existing =
+            if prep.pairs.is_empty() { HashMap::new() } else { self.stored_by_client_id(conn, &prep.pairs).await? };
+        let earlier =
+            |m: &NewMessage| m.client_msg_id.as_ref().and_then(|cid| existing.get(&(m.sender_id, cid.clone())));
+
+        // 2. Reserve seqs room by room, in ascending room id (a fixed lock order).
+        let mut by_room: BTreeMap<RoomId, Vec<usize>> = BTreeMap::new();
+        for (i, m) in batch.iter().enumerate() {
+            if prep.repeat_of[i].is_none() && earlier(m).is_none() {
+                by_room.entry(m.room_id).or_default().push(i);
+            }
+        }
+        let mut stored: Vec<Option<Message>> = vec![None; batch.len()];
+        for (room, items) in &by_room {
+            let n = items.len() as i64;
+            let last = self.reserve_seqs(conn, *room, n).await?;
+            for (k, i) in items.iter().enumerate() {
+                let m = &batch[*i];
+                stored[*i] = Some(Message {
+                    id: m.id,
+                    room_id: m.room_id,
+                    seq: last - n + 1 + k as i64,
+                    sender_id: m.sender_id,
+                    client_msg_id: m.client_msg_id.clone(),
+                    content: m.content.clone(),
+                    created_at: m.created_at,
+                });
+            }
+        }
+
+        // 3. Insert the new messages, in (room, seq) order.
+        let order: Vec<usize> = by_room.values().flatten().copied().collect();
+        let to_insert: Vec<&Message> = order.iter().filter_map(|i| stored[*i].as_ref()).collect();
+        let json: Vec<&str> = order.iter().map(|i| prep.json[*i].as_str()).collect();
+        self.insert_messages(conn, &to_insert, &json).await?;
+
+        // 4. A sender has read everything up to their own last message.
+        let mut cursors: BTreeMap<(RoomId, UserId), i64> = BTreeMap::new();
+        for m in &to_insert {
+            let seq = cursors.entry((m.room_id, m.sender_id)).or_insert(m.seq);
+            *seq = (*seq).max(m.seq);
+        }
+        let sql = self.sql("UPDATE room_members SET read_seq = ? WHERE room_id = ? AND user_id = ? AND read_seq < ?");
+        for ((room, sender), seq) in cursors {
+            sqlx::query(&sql).bind(seq).bind(room).bind(sender).bind(seq).execute(&mut *conn).await?;
+        }
+
+        // 5. Outcomes in batch order.
+        let mut out: Vec<Appended> = Vec::with_capacity(batch.len());
+        for (i, m) in batch.iter().enumerate() {
+            let outcome = if let Some(j) = prep.repeat_of[i] {
+                Appended::Duplicate(out[j].message().clone())
+            } else if let Some(message) = earlier(m) {
+                Appended::Duplicate(message.clone())
+            } else {
+                match stored[i].take() {
+                    Some(message) => Appended::Stored(message),
+                    None => return Err(Fail::Domain(Error::Internal("append lost track of a message".into()))),
+                }
+            };
+            out.push(outcome);
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl MessageStore for SqlStore {
+    async fn append(&self, batch: &[NewMessage]) -> Result<Vec<Appended>> {
+        const OP: &str = "append";
+        observe(OP, async {
+            if batch.is_empty() {
+                return Ok(Vec::new());
+            }
+            let prep = Prepared::new(batch)?;
+            let mut attempt = 1;
+            loop {
+                let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
+                let result = self.append_in(&mut tx, &prep).await;
+                match finish(tx, result).await {
+                    Ok(outcomes) => return Ok(outcomes),
+                    Err(Fail::Db(e))
+                        if attempt < MAX_ATTEMPTS
+                            && self.dialect != Dialect::Sqlite
+                            && classify(&e) == Class::Transient =>
+                    {
+                        tracing::warn!(attempt, error = %e, "append transaction rolled back by the database; running it again");
+                        tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
+                        attempt += 1;
+                    }
+                    Err(f) => return Err(f.into_error(OP)),
+                }
+            }
+        })
+        .await
+    }
+
+    async fn message(&self, id: MessageId) -> Result<Option<Message>> {
+        const OP: &str = "message";
+        observe(OP, async {
+            let sql = self.sql_owned(format!("SELECT {} FROM messages WHERE id = ?", rows::message_cols("")));
+            let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await.map_err(|e| map_err(OP, e))?;
+            row.as_ref().map(|r| rows::message(r, 0)).transpose()
+        })
+        .await
+    }
+
+    async fn history(&self, room: RoomId, page: HistoryPage) -> Result<Vec<Message>> {
+        const OP: &str = "history";
+        observe(OP, async {
+            let cols = rows::message_cols("");
+            let (sql, bound, limit, newest_first) = match page {
+                HistoryPage::Latest { limit } => (
+                    format!("SELECT {cols} FROM messages WHERE room_id = ? ORDER BY seq DESC LIMIT ?"),
+                    None,
+                    limit,
+                    true,
+                ),
+                HistoryPage::Before { seq, limit } => (
+                    format!("SELECT {cols} FROM messages WHERE room_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"),
+                    Some(seq),
+                    limit,
+                    true,
+                ),
+                HistoryPage::After { seq, limit } => (
+                    format!("SELECT {cols} FROM messages WHERE room_id = ? AND seq > ? ORDER BY seq ASC LIMIT ?"),
+                    Some(seq),
+                    limit,
+                    false,
+                ),
+            };
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let sql = self.sql_owned(sql);
+            let mut query = sqlx::query(&sql).bind(room);
+            if let Some(seq) = bound {
+                query = query.bind(seq);
+            }
+            let found = query.bind(i64::from(limit)).fetch_all(&self.pool).await.map_err(|e| map_err(OP, e))?;
+            let mut messages = found.iter().map(|r| rows::message(r, 0)).collect::<Result<Vec<_>>>()?;
+            if newest_first {
+                messages.reverse();
+            }
+            Ok(messages)
+        })
+        .await
+    }
+}

@@ -1,0 +1,167 @@
+//! Runs the store conformance suite (`suite/`) on every backend:
+//! SQLite always; MySQL/MariaDB and PostgreSQL when their test service is
+//! configured (`STACKER_TEST_MYSQL_URL`, `STACKER_TEST_POSTGRES_URL`; see
+//! `stacker-testkit`, which prints `SKIPPED` or, with
+//! `STACKER_TEST_REQUIRE_SERVICES=1`, fails).
+
+mod suite;
+
+use std::sync::Arc;
+
+use stacker_domain::model::*;
+use stacker_domain::store::{RoomStore, Store};
+use stacker_domain::Error;
+use stacker_store_sql::{Dialect, SqlOptions, SqlStore};
+use stacker_testkit::{fresh_database, DbKind, TestDb};
+use suite::{append_retrying, assert_gapless, make_room, make_user, msg, DynStore};
+
+async fn connect(db: &TestDb) -> SqlStore {
+    SqlStore::connect(&db.url, SqlOptions::default()).await.unwrap_or_else(|e| panic!("connect to {}: {e}", db.kind))
+}
+
+/// The suite on one backend, then the backend-specific checks.
+async fn conformance(kind: DbKind) {
+    let Some(db) = fresh_database(kind).await else { return };
+    let store = connect(&db).await;
+    let expected = match kind {
+        DbKind::Sqlite => Dialect::Sqlite,
+        DbKind::Mysql => Dialect::Mysql,
+        DbKind::Postgres => Dialect::Postgres,
+    };
+    assert_eq!(store.dialect(), expected);
+    assert_eq!(store.recommended_writers(), if kind == DbKind::Sqlite { 1 } else { 4 });
+    let dyn_store: DynStore = Arc::new(store.clone());
+    let mut checks = suite::run(dyn_store.clone()).await;
+
+    // Connecting again (migrations already applied) keeps the data and the seqs
+    // continue: a restart.
+    checks += restart_survival(&db, &dyn_store).await;
+    if kind != DbKind::Sqlite {
+        checks += two_instances(&db).await;
+    }
+    checks += closed_pool_is_unavailable(&db).await;
+
+    // Straight to stderr (past the harness's capture): CI logs show which backends ran.
+    stacker_testkit::announce(&format!("conformance: {checks} checks passed on {kind}"));
+    store.close().await;
+    db.drop_database().await;
+}
+
+async fn restart_survival(db: &TestDb, first: &DynStore) -> usize {
+    let owner = make_user(first, "restart").await;
+    let room = make_room(first, "restart", owner.id, &[], 1).await;
+    let batch: Vec<NewMessage> = (0..5).map(|i| msg(room.id, owner.id, Some(&format!("r-{i}")), "before")).collect();
+    first.append(&batch).await.unwrap();
+
+    let second: DynStore = Arc::new(connect(db).await);
+    assert_eq!(second.room(room.id).await.unwrap().unwrap().last_seq, 5, "data survives a reconnect");
+    let out = second.append(&[msg(room.id, owner.id, None, "after"), batch[2].clone()]).await.unwrap();
+    assert_eq!(out[0].message().seq, 6, "seqs continue after a restart");
+    assert!(matches!(out[1], Appended::Duplicate(_)), "client ids are remembered across a restart");
+    assert_gapless(&second, room.id, 6).await;
+    1
+}
+
+/// Two pools (two "send instances") appending to one room at once.
+async fn two_instances(db: &TestDb) -> usize {
+    let a: DynStore = Arc::new(connect(db).await);
+    let b: DynStore = Arc::new(connect(db).await);
+    let owner = make_user(&a, "two").await;
+    let room = make_room(&a, "two-instances", owner.id, &[], 1).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..8 {
+        let s = if t % 2 == 0 { a.clone() } else { b.clone() };
+        let sender = owner.id;
+        tasks.spawn(async move {
+            for i in 0..50 {
+                // Every message is sent through both instances: one stores it, the other gets the duplicate.
+                let m = msg(room.id, sender, Some(&format!("two-{}-{i}", t / 2)), "x");
+                append_retrying(&s, std::slice::from_ref(&m)).await;
+                if i % 10 == 0 {
+                    let batch: Vec<NewMessage> = (0..5).map(|_| msg(room.id, sender, None, "batch")).collect();
+                    append_retrying(&s, &batch).await;
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("append task panicked");
+    }
+    // 4 distinct client-id streams × 50, plus 8 tasks × 5 batches × 5.
+    assert_gapless(&a, room.id, 4 * 50 + 8 * 5 * 5).await;
+    let ids: std::collections::BTreeSet<Option<String>> = a
+        .history(room.id, HistoryPage::Latest { limit: 1_000 })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.client_msg_id.is_some())
+        .map(|m| m.client_msg_id)
+        .collect();
+    assert_eq!(ids.len(), 4 * 50, "each client_msg_id stored once across instances");
+    1
+}
+
+async fn closed_pool_is_unavailable(db: &TestDb) -> usize {
+    let store = connect(db).await;
+    store.close().await;
+    match store.ping().await {
+        Err(Error::Unavailable(_)) => {}
+        other => panic!("a closed pool must report Unavailable, got {other:?}"),
+    }
+    match store.room(1).await {
+        Err(Error::Unavailable(_)) => {}
+        other => panic!("a closed pool must report Unavailable, got {other:?}"),
+    }
+    1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite() {
+    conformance(DbKind::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql() {
+    conformance(DbKind::Mysql).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres() {
+    conformance(DbKind::Postgres).await;
+}
+
+/// An in-memory SQLite database works with its single connection.
+#[tokio::test]
+async fn sqlite_in_memory() {
+    let store = SqlStore::connect("sqlite::memory:", SqlOptions::default()).await.expect("in-memory store");
+    let s: DynStore = Arc::new(store);
+    let u = make_user(&s, "mem").await;
+    let room = make_room(&s, "mem", u.id, &[], 1).await;
+    s.append(&[msg(room.id, u.id, None, "a"), msg(room.id, u.id, None, "b")]).await.unwrap();
+    assert_gapless(&s, room.id, 2).await;
+}
+
+/// A SQLite file in a directory that does not exist yet, without `mode=rwc`.
+#[tokio::test]
+async fn sqlite_creates_directory() {
+    let dir = std::env::temp_dir().join(format!("stacker-store-test-{}", suite::id() ^ std::process::id() as i64));
+    let path = dir.join("nested/deeper/stacker.db");
+    let url = format!("sqlite://{}", path.display());
+    let store = SqlStore::connect(&url, SqlOptions::default()).await.expect("connect creates the file");
+    store.ping().await.unwrap();
+    assert!(path.exists());
+    let mode: (String,) = sqlx::query_as("PRAGMA journal_mode").fetch_one(store.pool()).await.unwrap();
+    assert_eq!(mode.0.to_lowercase(), "wal");
+    let fk: (i64,) = sqlx::query_as("PRAGMA foreign_keys").fetch_one(store.pool()).await.unwrap();
+    assert_eq!(fk.0, 1);
+    store.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn bad_urls_are_errors() {
+    assert!(matches!(SqlStore::connect("redis://localhost", SqlOptions::default()).await, Err(Error::Store(_))));
+    // Nothing listens on port 1.
+    let opts = SqlOptions { acquire_timeout: std::time::Duration::from_secs(2), ..SqlOptions::default() };
+    assert!(matches!(SqlStore::connect("postgres://nobody@127.0.0.1:1/none", opts).await, Err(Error::Unavailable(_))));
+}
