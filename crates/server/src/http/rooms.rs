@@ -1,0 +1,155 @@
+use axum::extract::State;
+use serde::Deserialize;
+use stacker_domain::rooms::NewRoom;
+use stacker_proto::http::*;
+use stacker_proto::Id;
+
+use super::extract::{done, ok, ApiResult, Body, Caller, Params};
+use super::{views, AppState};
+
+fn ids(list: &[Id]) -> Vec<i64> {
+    list.iter().map(|id| id.0).collect()
+}
+
+pub async fn create(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Body(req): Body<CreateRoomRequest>,
+) -> ApiResult<RoomIdResponse> {
+    let member_ids = ids(&req.member_ids);
+    let new =
+        NewRoom { name: &req.name, is_group: req.is_group, member_ids: &member_ids, join_policy: req.join_policy };
+    let room_id = app.rooms.create(me, new).await?;
+    ok(RoomIdResponse { room_id: room_id.into() })
+}
+
+pub async fn add_member(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Body(req): Body<AddMemberRequest>,
+) -> ApiResult<AddedMembersResponse> {
+    let added = app.rooms.add_members(me, req.room_id.0, &[req.member_id.0]).await?;
+    ok(AddedMembersResponse { added: added.into_iter().map(Id).collect() })
+}
+
+pub async fn add_members(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Body(req): Body<AddMembersRequest>,
+) -> ApiResult<AddedMembersResponse> {
+    let added = app.rooms.add_members(me, req.room_id.0, &ids(&req.member_ids)).await?;
+    ok(AddedMembersResponse { added: added.into_iter().map(Id).collect() })
+}
+
+pub async fn remove_member(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Body(req): Body<TargetRequest>,
+) -> ApiResult<()> {
+    app.rooms.remove_member(me, req.room_id.0, req.target_user_id.0).await?;
+    done()
+}
+
+pub async fn leave(State(app): State<AppState>, Caller(me): Caller, Body(req): Body<RoomRequest>) -> ApiResult<()> {
+    app.rooms.leave(me, req.room_id.0).await?;
+    done()
+}
+
+pub async fn change_nickname(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Body(req): Body<ChangeNicknameRequest>,
+) -> ApiResult<()> {
+    app.rooms.change_nickname(me, req.room_id.0, &req.nickname).await?;
+    done()
+}
+
+pub async fn change_member_role(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Body(req): Body<ChangeMemberRoleRequest>,
+) -> ApiResult<()> {
+    app.rooms.change_role(me, req.room_id.0, req.target_user_id.0, req.new_role).await?;
+    done()
+}
+
+pub async fn mute_member(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Body(req): Body<MuteMemberRequest>,
+) -> ApiResult<()> {
+    app.rooms.mute(me, req.room_id.0, req.target_user_id.0, req.until).await?;
+    done()
+}
+
+pub async fn join(State(app): State<AppState>, Caller(me): Caller, Body(req): Body<RoomRequest>) -> ApiResult<()> {
+    app.rooms.join(me, req.room_id.0).await?;
+    done()
+}
+
+pub async fn join_request(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Body(req): Body<JoinRequestRequest>,
+) -> ApiResult<JoinRequestIdResponse> {
+    let request_id = app.rooms.request_join(me, req.room_id.0, req.message.as_deref()).await?;
+    ok(JoinRequestIdResponse { request_id: request_id.into() })
+}
+
+#[derive(Deserialize)]
+pub struct RoomQuery {
+    room_id: Id,
+}
+
+pub async fn join_requests(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Params(q): Params<RoomQuery>,
+) -> ApiResult<JoinRequestsResponse> {
+    let requests = app.rooms.join_requests(me, q.room_id.0).await?;
+    ok(JoinRequestsResponse { requests: requests.iter().map(views::join_request).collect() })
+}
+
+pub async fn join_respond(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Body(req): Body<JoinRespondRequest>,
+) -> ApiResult<JoinRequestView> {
+    let request = app.rooms.respond(me, req.request_id.0, req.approve).await?;
+    ok(views::join_request(&request))
+}
+
+#[derive(Deserialize)]
+pub struct SearchQuery {
+    #[serde(default)]
+    q: String,
+    limit: Option<u32>,
+}
+
+pub async fn search(
+    State(app): State<AppState>,
+    Caller(_): Caller,
+    Params(q): Params<SearchQuery>,
+) -> ApiResult<SearchResponse> {
+    let rooms = app.rooms.search(&q.q, q.limit).await?;
+    ok(SearchResponse { rooms: rooms.iter().map(views::room).collect() })
+}
+
+pub async fn members(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Params(q): Params<RoomQuery>,
+) -> ApiResult<MembersResponse> {
+    let members = app.rooms.members(me, q.room_id.0).await?;
+    ok(MembersResponse { members: members.iter().map(views::member).collect() })
+}
+
+pub async fn joined_rooms(State(app): State<AppState>, Caller(me): Caller) -> ApiResult<JoinedRoomsResponse> {
+    let room_ids = app.rooms.joined_rooms(me).await?;
+    ok(JoinedRoomsResponse { room_ids: room_ids.into_iter().map(Id).collect() })
+}
+
+pub async fn summaries(State(app): State<AppState>, Caller(me): Caller) -> ApiResult<RoomsResponse> {
+    let rooms = app.rooms.summaries(me).await?;
+    ok(RoomsResponse { rooms: rooms.iter().map(views::summary).collect() })
+}

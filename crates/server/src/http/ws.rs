@@ -1,0 +1,203 @@
+//! `GET /api/ws` (SPEC §3). Each connection is one task that polls its reader
+//! and its writer together: the reader handles client frames (acks, sends,
+//! syncs, pings), the writer turns the session's pushes into frames and writes
+//! them in bursts (feed, then one flush).
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use stacker_domain::clock::now_ms;
+use stacker_domain::delivery::{Close, ConnHandle, Frame, Push, Session};
+use stacker_domain::model::Appended;
+use stacker_domain::{validate, Error};
+use stacker_proto::ws::{ClientFrame, ServerFrame};
+
+use super::extract::Params;
+use super::AppState;
+use crate::error::ApiError;
+
+#[derive(Deserialize)]
+pub struct WsParams {
+    token: Option<String>,
+    device_id: Option<String>,
+}
+
+pub async fn upgrade(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Params(q): Params<WsParams>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let header_token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim().to_string());
+    let token = header_token
+        .or(q.token)
+        .ok_or_else(|| Error::Unauthorized("missing token: send Authorization: Bearer or ?token=".into()))?;
+    let user_id = app.accounts.authenticate(&token)?;
+    let device_id = q.device_id.unwrap_or_else(|| "default".into());
+    validate::short_text("device_id", &device_id, 64, true)?;
+    if app.shutdown.is_cancelled() {
+        return Err(Error::Unavailable("the server is shutting down; reconnect".into()).into());
+    }
+    let (handle, session) = app.delivery.connect(user_id, &device_id).await?;
+    let ws_config = &app.config.ws;
+    let failed = (app.clone(), handle.clone());
+    let ws = ws
+        .read_buffer_size(ws_config.read_buffer_bytes)
+        .write_buffer_size(ws_config.write_buffer_bytes)
+        .max_write_buffer_size(ws_config.write_buffer_bytes + 2 * ws_config.max_frame_bytes.max(64 * 1024) + 64 * 1024)
+        .max_message_size(ws_config.max_frame_bytes)
+        .max_frame_size(ws_config.max_frame_bytes)
+        .on_failed_upgrade(move |e| {
+            tracing::debug!(error = %e, "websocket upgrade failed");
+            failed.0.delivery.disconnect(&failed.1);
+        });
+    let tracker = app.ws_tasks.clone();
+    Ok(ws.on_upgrade(move |socket| tracker.track_future(serve(app, socket, handle, session))))
+}
+
+async fn serve(app: AppState, socket: WebSocket, handle: ConnHandle, mut session: Session) {
+    let (mut sink, mut stream) = socket.split();
+    let last_seen = Arc::new(AtomicI64::new(now_ms()));
+    let writer = write_loop(&app, &mut sink, &mut session, &last_seen);
+    let reader = async {
+        while let Some(msg) = stream.next().await {
+            last_seen.store(now_ms(), Ordering::Relaxed);
+            match msg {
+                Ok(Message::Text(text)) => handle_frame(&app, &handle, &text).await,
+                Ok(Message::Binary(_)) => {
+                    reply_error(&app, &handle, 400, "binary frames are not supported; send JSON text").await
+                }
+                Ok(Message::Close(_)) => return None,
+                Ok(_) => {} // ping/pong: answered by the protocol layer
+                Err(e) => {
+                    let too_big = e.to_string().to_ascii_lowercase().contains("too long")
+                        || e.to_string().to_ascii_lowercase().contains("too big");
+                    return too_big.then(|| Close { code: 1009, reason: "frame too large".into() });
+                }
+            }
+        }
+        None
+    };
+    let close = tokio::select! {
+        close = writer => close,
+        close = reader => close,
+    };
+    if let Some(close) = close {
+        let frame = CloseFrame { code: close.code, reason: close.reason.into() };
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+    }
+    app.delivery.disconnect(&handle);
+}
+
+/// Writes hello, then whatever the session yields, pinging on the heartbeat.
+/// Returns the close to send, or None when the socket is gone.
+async fn write_loop(
+    app: &AppState,
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    session: &mut Session,
+    last_seen: &AtomicI64,
+) -> Option<Close> {
+    let config = &app.config.ws;
+    let hello = Frame::encode(&ServerFrame::Hello {
+        user_id: session.user_id().into(),
+        session_id: format!("{}-{}", app.config.node_id, session.handle().id),
+        gateway_id: app.gateway_id.clone(),
+        heartbeat_s: config.heartbeat_s,
+    });
+    let write_timeout = Duration::from_millis(config.write_timeout_ms);
+    let mut frames = vec![hello];
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(config.heartbeat_s.max(1)));
+    heartbeat.tick().await;
+    loop {
+        if !frames.is_empty() {
+            let n = frames.len();
+            let bytes: usize = frames.iter().map(Frame::len).sum();
+            let write = async {
+                for frame in frames.drain(..) {
+                    let text = Utf8Bytes::try_from(frame.into_bytes()).map_err(|_| ())?;
+                    sink.feed(Message::Text(text)).await.map_err(|_| ())?;
+                }
+                sink.flush().await.map_err(|_| ())
+            };
+            match tokio::time::timeout(write_timeout, write).await {
+                Ok(Ok(())) => {
+                    metrics::counter!("stacker_frames_written_total").increment(n as u64);
+                    metrics::counter!("stacker_bytes_written_total").increment(bytes as u64);
+                }
+                Ok(Err(())) => {
+                    metrics::counter!("stacker_write_errors_total").increment(1);
+                    return None;
+                }
+                Err(_) => {
+                    metrics::counter!("stacker_slow_consumer_disconnects_total").increment(1);
+                    return None; // the peer stopped reading; it catches up on reconnect
+                }
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = app.shutdown.cancelled() => {
+                return Some(Close { code: 1012, reason: "server restarting: reconnect".into() });
+            }
+            _ = heartbeat.tick() => {
+                let silent_ms = now_ms() - last_seen.load(Ordering::Relaxed);
+                if silent_ms > (config.heartbeat_timeout_s * 1000) as i64 {
+                    return Some(Close { code: 1001, reason: "heartbeat timeout".into() });
+                }
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    return None;
+                }
+            }
+            next = session.next(&mut frames) => {
+                if let Err(close) = next {
+                    return Some(close);
+                }
+            }
+        }
+    }
+}
+
+async fn handle_frame(app: &AppState, handle: &ConnHandle, text: &str) {
+    let frame: ClientFrame = match serde_json::from_str(text) {
+        Ok(f) => f,
+        Err(e) => return reply_error(app, handle, 400, &format!("malformed frame: {e}")).await,
+    };
+    let result = match frame {
+        ClientFrame::Ping => {
+            handle.offer(Push::Frame(Frame::encode(&ServerFrame::Pong)), app.delivery_enqueue_timeout()).await;
+            Ok(())
+        }
+        ClientFrame::Ack { room_id, seq } => app.delivery.ack(handle.user_id, &handle.device_id, room_id.0, seq).await,
+        ClientFrame::Sync { cursors } => {
+            let rooms = cursors.into_iter().map(|(room, seq)| (room.0, seq)).collect();
+            handle.offer(Push::Sync(rooms), app.delivery_enqueue_timeout()).await;
+            Ok(())
+        }
+        // The ack frame reaches every device of the sender from the delivery side.
+        ClientFrame::Send { room_id, content, client_msg_id } => {
+            app.messages.send(handle.user_id, room_id.0, content, client_msg_id).await.map(|_: Appended| ())
+        }
+    };
+    if let Err(e) = result {
+        let e = ApiError(e);
+        let msg = e.client_message();
+        reply_error(app, handle, e.status().as_u16(), &msg).await;
+    }
+}
+
+async fn reply_error(app: &AppState, handle: &ConnHandle, code: u16, msg: &str) {
+    let frame = Frame::encode(&ServerFrame::Error { code, msg: msg.to_string() });
+    handle.offer(Push::Frame(frame), app.delivery_enqueue_timeout()).await;
+}

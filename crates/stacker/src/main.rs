@@ -1,0 +1,98 @@
+//! `stacker`: the standalone server (default) and the distributed roles.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use stacker_server::{App, Config};
+
+#[derive(Parser)]
+#[command(name = "stacker", version, about = "Stacker instant-messaging backend")]
+struct Cli {
+    /// YAML config file; every key can also be set as STACKER_<SECTION>__<KEY>.
+    #[arg(long, short, global = true, env = "STACKER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    role: Option<Role>,
+}
+
+#[derive(Subcommand, Clone, Copy, PartialEq, Eq, Debug)]
+enum Role {
+    /// Every role in one process on one port (default): HTTP API, WebSocket, metrics.
+    Standalone,
+    /// Users, auth, rooms and membership (distributed mode; not built yet).
+    Meta,
+    /// Stateless send path (distributed mode; not built yet).
+    Send,
+    /// Service discovery and user routes (distributed mode; not built yet).
+    Registry,
+    /// WebSocket gateway (distributed mode; not built yet).
+    Gateway,
+    /// Background write-back and stream reclaim (distributed mode; not built yet).
+    Flusher,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stacker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let role = cli.role.unwrap_or(Role::Standalone);
+    if role != Role::Standalone {
+        eprintln!("stacker: the {role:?} role is not built yet; run `stacker standalone`");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stacker: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(standalone(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stacker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn standalone(config: Config) -> anyhow::Result<()> {
+    let _log_guard = stacker_server::telemetry::init_logging(&config.log)?;
+    let listen = config.server.listen;
+    let app = App::build(config).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("config: server.listen: cannot bind {listen}: {e}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "stacker standalone listening");
+    stacker_server::run(listener, app, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
