@@ -1,5 +1,6 @@
 //! Registration, login and token checks.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,8 @@ pub struct Accounts {
     dummy_hash: String,
     /// Failed logins per username in the current minute (bounded, expiring).
     failures: Cache<String, u32>,
-    max_failures_per_minute: u32,
+    /// Changeable while running (config reload).
+    max_failures_per_minute: AtomicU32,
 }
 
 pub struct LoginToken {
@@ -42,7 +44,12 @@ impl Accounts {
     ) -> Result<Self> {
         let dummy_hash = hash_password("stacker-dummy-password".into()).await?;
         let failures = Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build();
+        let max_failures_per_minute = AtomicU32::new(max_failures_per_minute);
         Ok(Self { store, ids, tokens, dummy_hash, failures, max_failures_per_minute })
+    }
+
+    pub fn set_max_failures_per_minute(&self, n: u32) {
+        self.max_failures_per_minute.store(n, Ordering::Relaxed);
     }
 
     pub async fn register(&self, username: &str, password: &str, nickname: Option<&str>) -> Result<UserId> {
@@ -71,7 +78,7 @@ impl Accounts {
 
     pub async fn login(&self, username: &str, password: &str) -> Result<LoginToken> {
         let key = username.trim().to_ascii_lowercase();
-        if self.failures.get(&key).unwrap_or(0) >= self.max_failures_per_minute {
+        if self.failures.get(&key).unwrap_or(0) >= self.max_failures_per_minute.load(Ordering::Relaxed) {
             return Err(Error::RateLimited("too many failed logins for this user; wait a minute".into()));
         }
         let user = match validate::username(username) {

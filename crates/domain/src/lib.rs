@@ -14,6 +14,7 @@ pub mod fanout;
 pub mod ids;
 pub mod messages;
 pub mod model;
+pub mod monitor;
 pub mod rooms;
 pub mod store;
 pub mod validate;

@@ -1,6 +1,6 @@
 //! Sending, resending and reading messages.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::clock::now_ms;
 use crate::commit::GroupCommitter;
@@ -30,7 +30,8 @@ pub struct Messages {
     rooms: Arc<Rooms>,
     committer: GroupCommitter,
     ids: Arc<IdGenerator>,
-    limits: MessageLimits,
+    /// Changeable while running (config reload).
+    limits: RwLock<MessageLimits>,
     fanout: Arc<dyn Fanout>,
 }
 
@@ -51,11 +52,15 @@ impl Messages {
         limits: MessageLimits,
         fanout: Arc<dyn Fanout>,
     ) -> Self {
-        Self { store, rooms, committer, ids, limits, fanout }
+        Self { store, rooms, committer, ids, limits: RwLock::new(limits), fanout }
     }
 
-    pub fn limits(&self) -> &MessageLimits {
-        &self.limits
+    pub fn limits(&self) -> MessageLimits {
+        self.limits.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_limits(&self, limits: MessageLimits) {
+        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
     }
 
     /// Validates, checks membership and mute, stores (group-committed).
@@ -70,7 +75,7 @@ impl Messages {
         if let Some(id) = &client_msg_id {
             validate::client_msg_id(id)?;
         }
-        validate::content(&content, self.limits.max_content_bytes)?;
+        validate::content(&content, self.limits().max_content_bytes)?;
         self.rooms.room(room_id).await?;
         let me = self.rooms.require_member(room_id, sender).await?;
         let now = now_ms();
@@ -100,9 +105,10 @@ impl Messages {
 
     /// A page of history in ascending seq, and whether more lies beyond it.
     pub async fn history(&self, actor: UserId, room_id: RoomId, q: HistoryQuery) -> Result<(Vec<Message>, bool)> {
-        let limit = q.limit.unwrap_or(self.limits.history_default);
-        if !(1..=self.limits.history_max).contains(&limit) {
-            return Err(Error::bad_request(format!("limit must be 1 to {}", self.limits.history_max)));
+        let limits = self.limits();
+        let limit = q.limit.unwrap_or(limits.history_default);
+        if !(1..=limits.history_max).contains(&limit) {
+            return Err(Error::bad_request(format!("limit must be 1 to {}", limits.history_max)));
         }
         let page = match (q.before_seq, q.after_seq) {
             (Some(_), Some(_)) => return Err(Error::bad_request("give before_seq or after_seq, not both")),

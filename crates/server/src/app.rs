@@ -71,12 +71,8 @@ impl App {
                 enqueue_timeout: config.enqueue_timeout(),
             },
         );
-        let limits = MessageLimits {
-            max_content_bytes: config.messages.max_content_bytes,
-            history_default: config.messages.history_default_limit,
-            history_max: config.messages.history_max_limit,
-        };
-        let messages = Messages::new(store.clone(), rooms.clone(), committer, ids, limits, delivery.clone());
+        let messages =
+            Messages::new(store.clone(), rooms.clone(), committer, ids, message_limits(&config), delivery.clone());
         let gateway_id = format!("standalone-{}", config.node_id);
         Ok(App {
             config,
@@ -91,9 +87,48 @@ impl App {
         })
     }
 
+    /// Applies the keys of `new` that can change while running (messages.*,
+    /// auth.max_login_failures_per_minute; log.level is the caller's, see
+    /// [`crate::telemetry::Logging`]). Returns the other keys that differ from
+    /// the running config: they take effect after a restart.
+    pub fn reload(&self, new: &Config) -> Vec<&'static str> {
+        self.messages.set_limits(message_limits(new));
+        self.accounts.set_max_failures_per_minute(new.auth.max_login_failures_per_minute);
+        let old = &self.config;
+        [
+            ("mode", old.mode != new.mode),
+            ("data_dir", old.data_dir != new.data_dir),
+            ("node_id", old.node_id != new.node_id),
+            ("server", differs(&old.server, &new.server)),
+            ("database", differs(&old.database, &new.database)),
+            ("auth.jwt_secret", old.auth.jwt_secret != new.auth.jwt_secret),
+            ("auth.token_ttl_s", old.auth.token_ttl_s != new.auth.token_ttl_s),
+            ("ws", differs(&old.ws, &new.ws)),
+            ("delivery", differs(&old.delivery, &new.delivery)),
+            ("log.format", old.log.format != new.log.format),
+            ("log.dir", old.log.dir != new.log.dir),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
+
     pub fn delivery_enqueue_timeout(&self) -> Duration {
         self.delivery.enqueue_timeout()
     }
+}
+
+fn message_limits(config: &Config) -> MessageLimits {
+    MessageLimits {
+        max_content_bytes: config.messages.max_content_bytes,
+        history_default: config.messages.history_default_limit,
+        history_max: config.messages.history_max_limit,
+    }
+}
+
+/// Whether two config values differ (compared by their serialized form).
+fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    serde_json::to_value(a).ok() != serde_json::to_value(b).ok()
 }
 
 fn delivery_config(config: &Config) -> delivery::DeliveryConfig {
@@ -120,10 +155,10 @@ fn delivery_config(config: &Config) -> delivery::DeliveryConfig {
 /// `server.shutdown_timeout_ms`.
 pub async fn run(
     listener: TcpListener,
-    app: App,
+    app: impl Into<Arc<App>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let app = Arc::new(app);
+    let app: Arc<App> = app.into();
     let router = crate::http::router(app.clone());
     let timeout = Duration::from_millis(app.config.server.shutdown_timeout_ms);
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();

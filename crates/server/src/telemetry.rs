@@ -7,7 +7,7 @@ use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+use tracing_subscriber::{fmt, prelude::*, reload, EnvFilter, Registry};
 
 use crate::config::{LogConfig, LogFormat};
 
@@ -49,9 +49,24 @@ pub async fn track_http(req: Request, next: Next) -> Response {
     response
 }
 
-/// Installs the global tracing subscriber. The returned guard flushes file logs on drop.
-pub fn init_logging(config: &LogConfig) -> anyhow::Result<Option<tracing_appender::non_blocking::WorkerGuard>> {
+/// The running process's logging: keeps file logs flushing and lets the level change live.
+pub struct Logging {
+    _guard: Option<tracing_appender::non_blocking::WorkerGuard>,
+    filter: reload::Handle<EnvFilter, Registry>,
+}
+
+impl Logging {
+    /// Applies a new `log.level` directive.
+    pub fn set_level(&self, level: &str) -> anyhow::Result<()> {
+        let filter = EnvFilter::try_new(level).map_err(|e| anyhow::anyhow!("config: log.level: {e}"))?;
+        self.filter.reload(filter).map_err(|e| anyhow::anyhow!("log.level: {e}"))
+    }
+}
+
+/// Installs the global tracing subscriber.
+pub fn init_logging(config: &LogConfig) -> anyhow::Result<Logging> {
     let filter = EnvFilter::try_new(&config.level).map_err(|e| anyhow::anyhow!("config: log.level: {e}"))?;
+    let (filter, handle) = reload::Layer::new(filter);
     let (file_layer, guard) = match &config.dir {
         Some(dir) => {
             let appender = tracing_appender::rolling::daily(dir, "stacker.log");
@@ -66,5 +81,5 @@ pub fn init_logging(config: &LogConfig) -> anyhow::Result<Option<tracing_appende
         LogFormat::Json => registry.with(fmt::layer().json()).try_init(),
     }
     .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
-    Ok(guard)
+    Ok(Logging { _guard: guard, filter: handle })
 }

@@ -49,6 +49,10 @@ async fn ops_endpoints_and_unknown_routes() {
     assert_eq!((status, body["code"].as_i64()), (200, Some(0)));
     let (status, body) = raw("GET", &format!("{}/readyz", s.base), None, None, "").await;
     assert_eq!((status, body["data"]["database"].as_str()), (200, Some("ok")));
+    // The sliding-window monitor saw the database calls (migrations, readiness ping).
+    let deps = body["data"]["dependencies"].as_array().expect("dependencies");
+    let db = deps.iter().find(|d| d["name"] == "database").expect("database in the monitor");
+    assert!(db["calls"].as_u64().unwrap() >= 1 && db["success_rate"].as_f64().unwrap() > 0.0, "{db}");
     let (status, body) = raw("GET", &format!("{}/nope", s.base), None, None, "").await;
     assert_eq!((status, body["code"].as_i64()), (404, Some(404)));
     let (status, body) = raw("DELETE", &format!("{}/login", s.base), None, None, "").await;
@@ -57,6 +61,8 @@ async fn ops_endpoints_and_unknown_routes() {
     let metrics = reqwest::get(format!("{}/metrics", s.base)).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("stacker_http_requests_total"), "{metrics}");
     assert!(metrics.contains("route=\"/ping\""), "{metrics}");
+    assert!(metrics.contains("stacker_dependency_success_ratio{dependency=\"database\"}"), "{metrics}");
+    assert!(metrics.contains("stacker_store_seconds"), "{metrics}");
     s.stop().await;
 }
 

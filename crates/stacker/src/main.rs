@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use stacker_server::{App, Config};
@@ -53,7 +54,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(standalone(config)) {
+    match runtime.block_on(standalone(config, cli.config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("stacker: {e:#}");
@@ -62,17 +63,45 @@ fn main() -> ExitCode {
     }
 }
 
-async fn standalone(config: Config) -> anyhow::Result<()> {
-    let _log_guard = stacker_server::telemetry::init_logging(&config.log)?;
+async fn standalone(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let logging = stacker_server::telemetry::init_logging(&config.log)?;
     let listen = config.server.listen;
-    let app = App::build(config).await?;
+    let app = Arc::new(App::build(config).await?);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("config: server.listen: cannot bind {listen}: {e}"))?;
     tracing::info!(addr = %listener.local_addr()?, "stacker standalone listening");
+    tokio::spawn(reload_on_sighup(app.clone(), logging, config_file));
     stacker_server::run(listener, app, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP re-reads the config (file and environment) and applies the keys that
+/// can change live; a config that does not load is reported and ignored.
+async fn reload_on_sighup(app: Arc<App>, logging: stacker_server::telemetry::Logging, file: Option<PathBuf>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else { return };
+        while hangups.recv().await.is_some() {
+            match Config::load(file.as_deref()) {
+                Ok(new) => {
+                    if let Err(e) = logging.set_level(&new.log.level) {
+                        tracing::error!(error = %e, "config reload: log.level not applied");
+                    }
+                    let restart = app.reload(&new);
+                    tracing::info!(
+                        needs_restart = ?restart,
+                        "config reloaded: applied log.level, messages.*, auth.max_login_failures_per_minute"
+                    );
+                }
+                Err(e) => tracing::error!(error = %e, "config reload failed; keeping the running config"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (app, logging, file);
 }
 
 /// Resolves on SIGINT or SIGTERM.

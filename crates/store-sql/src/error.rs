@@ -103,7 +103,11 @@ pub(crate) fn map_err(op: &'static str, e: sqlx::Error) -> Error {
 pub(crate) async fn observe<T>(op: &'static str, fut: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
     let started = Instant::now();
     let result = fut.await;
-    metrics::histogram!("stacker_store_seconds", "op" => op).record(started.elapsed().as_secs_f64());
+    let elapsed = started.elapsed();
+    metrics::histogram!("stacker_store_seconds", "op" => op).record(elapsed.as_secs_f64());
+    // Conflict and NotFound are answers, not failures of the database.
+    let healthy = !matches!(&result, Err(e) if !matches!(e, Error::Conflict(_) | Error::NotFound(_)));
+    stacker_domain::monitor::record("database", healthy, elapsed);
     if let Err(e) = &result {
         if !matches!(e, Error::Conflict(_) | Error::NotFound(_)) {
             metrics::counter!("stacker_store_errors_total", "op" => op).increment(1);
