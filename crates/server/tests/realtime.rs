@@ -188,6 +188,21 @@ async fn every_member_and_every_device_gets_every_message() {
     let mut carol_socket = carol.connect("tablet").await.unwrap();
     assert_eq!(collect_seqs(&mut carol_socket, room, 2).await, vec![1, 2]);
 
+    // The realtime metrics are exported.
+    let metrics = reqwest::get(format!("{}/metrics", s.base)).await.unwrap().text().await.unwrap();
+    for name in [
+        "stacker_connections",
+        "stacker_frames_written_total",
+        "stacker_bytes_written_total",
+        "stacker_dispatch_queue_depth",
+        "stacker_connection_queue_depth",
+        "stacker_enqueue_seconds",
+        "stacker_pushes_total",
+        "stacker_catch_ups_total",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}");
+    }
+
     // Errors on a WS send come back as error frames.
     bob_phone.send_message(Id(999), Content::text("nowhere"), None).await.unwrap();
     loop {

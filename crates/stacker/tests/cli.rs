@@ -51,14 +51,12 @@ fn wrong_config_values_fail_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-/// No config file, no services: `stacker` in an empty directory serves the API
-/// with SQLite under ./data, and stops cleanly on SIGTERM.
-#[test]
-fn starts_with_no_config_and_stops_on_sigterm() {
+/// Starts `stacker` with no config in an empty directory; returns it, its port and the directory.
+fn start_server() -> (std::process::Child, u16, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("stacker-cli-{:016x}", rand_u64()));
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
-    let mut child = stacker()
+    let child = stacker()
         .current_dir(&dir)
         .env("STACKER_SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .stdout(Stdio::piped())
@@ -66,13 +64,19 @@ fn starts_with_no_config_and_stops_on_sigterm() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let body = loop {
-        if let Ok(body) = http_get(port, "/ping") {
-            break body;
-        }
+    while http_get(port, "/ping").is_err() {
         assert!(Instant::now() < deadline, "server did not answer /ping");
         std::thread::sleep(Duration::from_millis(100));
-    };
+    }
+    (child, port, dir)
+}
+
+/// No config file, no services: `stacker` in an empty directory serves the API
+/// with SQLite under ./data, and stops cleanly on SIGTERM.
+#[test]
+fn starts_with_no_config_and_stops_on_sigterm() {
+    let (mut child, port, dir) = start_server();
+    let body = http_get(port, "/ping").unwrap();
     assert!(body.contains(r#""data":"pong""#), "{body}");
     assert!(dir.join("data/stacker.db").exists(), "SQLite database under ./data");
     assert!(dir.join("data/jwt_secret").exists(), "generated development secret");
@@ -109,4 +113,110 @@ fn rand_u64() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(Instant::now().elapsed().as_nanos());
     h.finish()
+}
+
+/// SIGHUP applies the live keys of an edited config file.
+#[test]
+fn sighup_reloads_live_config_keys() {
+    let dir = std::env::temp_dir().join(format!("stacker-reload-{:016x}", rand_u64()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("stacker.yaml");
+    let port = free_port();
+    let write_config = |max: usize| {
+        let yaml = format!("server:\n  listen: 127.0.0.1:{port}\nmessages:\n  max_content_bytes: {max}\n");
+        std::fs::write(&file, yaml).unwrap();
+    };
+    write_config(500);
+    let mut server = stacker()
+        .current_dir(&dir)
+        .arg("--config")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(port, "/ping").is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let session = dir.join("s.json");
+    cli(port, &session, &["register", "reloader", "correct horse"]);
+    cli(port, &session, &["login", "reloader", "correct horse"]);
+    let room = cli(port, &session, &["create", "r"]);
+    let room = room.trim().rsplit(' ').next().unwrap().to_string();
+    let long = "x".repeat(1000);
+    let send = |text: &str| {
+        Command::new(env!("CARGO_BIN_EXE_stacker-cli"))
+            .args(["--server", &format!("http://127.0.0.1:{port}"), "--session"])
+            .arg(&session)
+            .args(["send", &room, text])
+            .output()
+            .unwrap()
+    };
+    let refused = send(&long);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("413"), "{}", String::from_utf8_lossy(&refused.stderr));
+
+    write_config(4000);
+    let status = Command::new("kill").args(["-HUP", &server.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !send(&long).status.success() {
+        assert!(Instant::now() < deadline, "the new limit was not applied");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    kill_term(server.id());
+    assert!(server.wait().unwrap().success());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn cli(port: u16, session: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_stacker-cli"))
+        .args(["--server", &format!("http://127.0.0.1:{port}"), "--session"])
+        .arg(session)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "stacker-cli {args:?} failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// The README's realtime walk-through: one terminal listens, another sends.
+#[test]
+fn cli_listen_prints_what_another_user_sends() {
+    let (mut server, port, dir) = start_server();
+    let (alice, bob) = (dir.join("alice.json"), dir.join("bob.json"));
+    cli(port, &alice, &["register", "alice", "correct horse"]);
+    let bob_id = cli(port, &bob, &["register", "bob", "correct horse"]);
+    let bob_id = bob_id.trim().rsplit(' ').next().unwrap().to_string();
+    cli(port, &alice, &["login", "alice", "correct horse"]);
+    cli(port, &bob, &["login", "bob", "correct horse"]);
+    let room = cli(port, &alice, &["create", "friends", "--member", &bob_id]);
+    let room = room.trim().rsplit(' ').next().unwrap().to_string();
+
+    let listener = Command::new(env!("CARGO_BIN_EXE_stacker-cli"))
+        .args(["--server", &format!("http://127.0.0.1:{port}"), "--session"])
+        .arg(&bob)
+        .args(["listen", "--count", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    cli(port, &alice, &["send", &room, "hello", "bob"]);
+    cli(port, &alice, &["send", &room, "second"]);
+    let out = listener.wait_with_output().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    let lines: Vec<&str> = printed.lines().filter(|l| l.starts_with("[room")).collect();
+    assert_eq!(lines.len(), 2, "{printed}");
+    assert!(lines[0].contains("#1") && lines[0].ends_with("hello bob"), "{printed}");
+    assert!(lines[1].contains("#2") && lines[1].ends_with("second"), "{printed}");
+    assert!(cli(port, &bob, &["history", &room]).contains("hello bob"));
+    assert!(cli(port, &bob, &["rooms"]).contains("friends"));
+
+    kill_term(server.id());
+    assert!(server.wait().unwrap().success());
+    std::fs::remove_dir_all(&dir).ok();
 }

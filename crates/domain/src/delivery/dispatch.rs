@@ -58,6 +58,8 @@ impl Dispatcher {
         };
         let frame = Frame::encode(&ServerFrame::Chat(ChatMessage::from(message)));
         let workers = self.queues.len();
+        let depth: usize = self.queues.iter().map(|q| q.max_capacity() - q.capacity()).sum();
+        metrics::gauge!("stacker_dispatch_queue_depth").set(depth as f64);
         for (k, start) in (0..members.len()).step_by(self.batch_size).enumerate() {
             let job = Job {
                 room: message.room_id,
