@@ -7,6 +7,7 @@
 pub mod accounts;
 pub mod auth;
 pub mod clock;
+pub mod cluster;
 pub mod commit;
 pub mod delivery;
 mod error;

@@ -1,0 +1,352 @@
+//! Stacker's distributed-mode traits ([`stacker_domain::cluster`]) on Redis.
+//!
+//! Key schema (every key starts with the configured prefix, `stacker` by default):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `{p}:gw:{id}` | string, PX ttl | the gateway's [`GatewayInfo`] as JSON; gone = dead |
+//! | `{p}:gw:rank` | sorted set | gateway id → load (connections / capacity) |
+//! | `{p}:route:{user}` | hash, no ttl | gateway id → open connections of the user there |
+//! | `{p}:lease:{user}` | hash, PX lease | gateway id → Unix ms until which a reconnect returns there |
+//! | `{p}:node:{n}` | string, PX ttl | the instance holding snowflake node id `n` |
+//! | `{p}:stream:{gateway}` | stream, MAXLEN ~ | [`BusEntry`] JSON in field `e`; consumer group `gateway` |
+//!
+//! Routes of connected users carry no TTL, so they never expire under a
+//! connected user; a route to a gateway that is no longer live is ignored.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
+use redis::{AsyncCommands, Script};
+use stacker_domain::clock::now_ms;
+use stacker_domain::cluster::{Bus, BusEntry, GatewayInfo, Registry};
+use stacker_domain::model::UserId;
+use stacker_domain::{monitor, Error, Result};
+
+const GROUP: &str = "gateway";
+
+/// Connection settings.
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    /// Key prefix, so several clusters (or tests) can share one Redis.
+    pub prefix: String,
+    /// Approximate most entries kept per gateway stream.
+    pub stream_max_len: usize,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self { prefix: "stacker".into(), stream_max_len: 100_000 }
+    }
+}
+
+/// Registry and bus on one Redis. Cheap to clone (a shared, reconnecting
+/// connection); blocking stream reads use a dedicated connection each.
+#[derive(Clone)]
+pub struct RedisCluster {
+    client: redis::Client,
+    conn: ConnectionManager,
+    options: RedisOptions,
+}
+
+fn unavailable(op: &'static str, e: redis::RedisError) -> Error {
+    tracing::warn!(op, error = %e, "redis call failed");
+    metrics::counter!("stacker_redis_errors_total", "op" => op).increment(1);
+    Error::Unavailable("redis unavailable".into())
+}
+
+/// Times a Redis call for metrics and the dependency monitor.
+async fn observe<T>(op: &'static str, fut: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T> {
+    let started = Instant::now();
+    let result = fut.await;
+    let elapsed = started.elapsed();
+    metrics::histogram!("stacker_redis_seconds", "op" => op).record(elapsed.as_secs_f64());
+    monitor::record("redis", result.is_ok(), elapsed);
+    result.map_err(|e| unavailable(op, e))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("redis: bad {what}: {e}")))
+}
+
+impl RedisCluster {
+    pub async fn connect(url: &str, options: RedisOptions) -> Result<RedisCluster> {
+        let client = redis::Client::open(url).map_err(|e| Error::Store(format!("redis url: {e}")))?;
+        let conn = observe("connect", ConnectionManager::new(client.clone())).await?;
+        Ok(RedisCluster { client, conn, options })
+    }
+
+    fn key(&self, suffix: String) -> String {
+        format!("{}:{suffix}", self.options.prefix)
+    }
+
+    fn stream(&self, gateway: &str) -> String {
+        self.key(format!("stream:{gateway}"))
+    }
+
+    /// Round trip, for readiness checks.
+    pub async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        observe("ping", redis::cmd("PING").query_async::<String>(&mut conn)).await.map(|_| ())
+    }
+
+    /// Deletes every key under this cluster's prefix (tests and tools).
+    pub async fn delete_all_keys(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}:*", self.options.prefix);
+        let keys: Vec<String> = {
+            let mut iter: redis::AsyncIter<String> = observe("scan", conn.scan_match(&pattern)).await?;
+            let mut keys = Vec::new();
+            while let Some(key) = futures_next(&mut iter).await {
+                keys.push(key);
+            }
+            keys
+        };
+        if !keys.is_empty() {
+            let mut conn = self.conn.clone();
+            observe("delete_all_keys", conn.del::<_, ()>(keys)).await?;
+        }
+        Ok(())
+    }
+
+    async fn gateway(&self, id: &str) -> Result<Option<GatewayInfo>> {
+        let mut conn = self.conn.clone();
+        let raw: Option<Vec<u8>> = observe("gateway", conn.get(self.key(format!("gw:{id}")))).await?;
+        raw.map(|b| decode("gateway", &b)).transpose()
+    }
+
+    async fn ensure_group(&self, stream: &str) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let created: redis::RedisResult<()> = conn.xgroup_create_mkstream(stream, GROUP, "0").await;
+        match created {
+            Ok(()) => Ok(()),
+            Err(e) if e.to_string().contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(unavailable("xgroup_create", e)),
+        }
+    }
+}
+
+async fn futures_next(iter: &mut redis::AsyncIter<'_, String>) -> Option<String> {
+    iter.next_item().await.and_then(|r| r.ok())
+}
+
+fn entries(reply: Vec<redis::streams::StreamId>) -> Result<Vec<(String, BusEntry)>> {
+    reply
+        .into_iter()
+        .filter_map(|id| {
+            let bytes: Option<Vec<u8>> = id.get("e");
+            bytes.map(|b| decode("bus entry", &b).map(|e| (id.id.clone(), e)))
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Registry for RedisCluster {
+    async fn heartbeat_gateway(&self, gateway: &GatewayInfo, ttl: Duration) -> Result<()> {
+        let json = serde_json::to_vec(gateway).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .pset_ex(self.key(format!("gw:{}", gateway.id)), json, ttl.as_millis() as u64)
+            .ignore()
+            .zadd(self.key("gw:rank".to_string()), &gateway.id, gateway.load())
+            .ignore();
+        let mut conn = self.conn.clone();
+        observe("heartbeat_gateway", pipe.query_async::<()>(&mut conn)).await
+    }
+
+    async fn deregister_gateway(&self, id: &str) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(self.key(format!("gw:{id}"))).ignore().zrem(self.key("gw:rank".to_string()), id).ignore();
+        let mut conn = self.conn.clone();
+        observe("deregister_gateway", pipe.query_async::<()>(&mut conn)).await
+    }
+
+    async fn live_gateways(&self) -> Result<Vec<GatewayInfo>> {
+        let mut conn = self.conn.clone();
+        let rank_key = self.key("gw:rank".to_string());
+        let ids: Vec<String> = observe("live_gateways", conn.zrange(&rank_key, 0, -1)).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.key(format!("gw:{id}"))).collect();
+        let infos: Vec<Option<Vec<u8>>> = observe("live_gateways", conn.mget(&keys)).await?;
+        let mut live = Vec::new();
+        let mut dead = Vec::new();
+        for (id, info) in ids.into_iter().zip(infos) {
+            match info {
+                Some(bytes) => live.push(decode::<GatewayInfo>("gateway", &bytes)?),
+                None => dead.push(id),
+            }
+        }
+        if !dead.is_empty() {
+            observe("live_gateways", conn.zrem::<_, _, ()>(&rank_key, &dead)).await?;
+        }
+        Ok(live)
+    }
+
+    async fn pick_gateway(&self, user: Option<UserId>) -> Result<Option<GatewayInfo>> {
+        if let Some(user) = user {
+            let mut conn = self.conn.clone();
+            let active: HashMap<String, i64> =
+                observe("pick_gateway", conn.hgetall(self.key(format!("route:{user}")))).await?;
+            let leases: HashMap<String, i64> =
+                observe("pick_gateway", conn.hgetall(self.key(format!("lease:{user}")))).await?;
+            let now = now_ms();
+            let preferred = active.keys().chain(leases.iter().filter(|(_, until)| **until > now).map(|(gw, _)| gw));
+            for gw in preferred {
+                if let Some(info) = self.gateway(gw).await? {
+                    if info.has_room() {
+                        return Ok(Some(info));
+                    }
+                }
+            }
+        }
+        Ok(self.live_gateways().await?.into_iter().find(GatewayInfo::has_room))
+    }
+
+    async fn route_connected(&self, user: UserId, gateway: &str) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hincr(self.key(format!("route:{user}")), gateway, 1)
+            .ignore()
+            .hdel(self.key(format!("lease:{user}")), gateway)
+            .ignore();
+        let mut conn = self.conn.clone();
+        observe("route_connected", pipe.query_async::<()>(&mut conn)).await
+    }
+
+    async fn route_disconnected(&self, user: UserId, gateway: &str, lease: Duration) -> Result<()> {
+        // One script, so a concurrent connect on the same gateway cannot be undone.
+        let script = Script::new(
+            r"
+            local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+            if n <= 0 then
+              redis.call('HDEL', KEYS[1], ARGV[1])
+              redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+              redis.call('PEXPIRE', KEYS[2], ARGV[3])
+            end
+            return n",
+        );
+        let until = now_ms() + lease.as_millis() as i64;
+        let mut conn = self.conn.clone();
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.key(format!("route:{user}")))
+            .key(self.key(format!("lease:{user}")))
+            .arg(gateway)
+            .arg(until)
+            .arg(lease.as_millis().max(1) as u64);
+        observe("route_disconnected", invocation.invoke_async::<i64>(&mut conn)).await.map(|_| ())
+    }
+
+    async fn routes(&self, users: &[UserId]) -> Result<HashMap<UserId, Vec<String>>> {
+        if users.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut pipe = redis::pipe();
+        for user in users {
+            pipe.hkeys(self.key(format!("route:{user}")));
+        }
+        let mut conn = self.conn.clone();
+        let found: Vec<Vec<String>> = observe("routes", pipe.query_async(&mut conn)).await?;
+        Ok(users.iter().copied().zip(found).filter(|(_, gws)| !gws.is_empty()).collect())
+    }
+
+    async fn lease_node_id(&self, instance: &str, ttl: Duration) -> Result<u16> {
+        // Renew ours if we hold one; otherwise take the first free id from a
+        // random start, all in one script so two instances never share an id.
+        let script = Script::new(
+            r"
+            local prefix, instance, ttl, start = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+            for i = 0, 1023 do
+              local n = (start + i) % 1024
+              local key = prefix .. n
+              local holder = redis.call('GET', key)
+              if holder == instance then
+                redis.call('PEXPIRE', key, ttl)
+                return n
+              end
+            end
+            for i = 0, 1023 do
+              local n = (start + i) % 1024
+              if redis.call('SET', prefix .. n, instance, 'NX', 'PX', ttl) then
+                return n
+              end
+            end
+            return -1",
+        );
+        let start = (now_ms() as u64 ^ instance.len() as u64) % 1024;
+        let mut conn = self.conn.clone();
+        let mut invocation = script.prepare_invoke();
+        invocation.key(self.key("node:".to_string())).arg(instance).arg(ttl.as_millis().max(1) as u64).arg(start);
+        match observe("lease_node_id", invocation.invoke_async::<i64>(&mut conn)).await? {
+            n if (0..1024).contains(&n) => Ok(n as u16),
+            _ => Err(Error::Unavailable("all 1024 snowflake node ids are leased".into())),
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for RedisCluster {
+    async fn publish(&self, gateway: &str, entry: &BusEntry) -> Result<()> {
+        let json = serde_json::to_vec(entry).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let max = redis::streams::StreamMaxlen::Approx(self.options.stream_max_len);
+        observe("publish", conn.xadd_maxlen::<_, _, _, _, String>(self.stream(gateway), max, "*", &[("e", json)]))
+            .await
+            .map(|_| ())
+    }
+
+    async fn consume(
+        &self,
+        gateway: &str,
+        consumer: &str,
+        max: usize,
+        block: Duration,
+    ) -> Result<Vec<(String, BusEntry)>> {
+        let stream = self.stream(gateway);
+        self.ensure_group(&stream).await?;
+        // A blocking read holds its connection: use a dedicated one, not the shared manager.
+        let mut conn = observe("consume", self.client.get_multiplexed_async_connection()).await?;
+        let options = StreamReadOptions::default().group(GROUP, consumer).count(max).block(block.as_millis() as usize);
+        let reply: Option<StreamReadReply> =
+            observe("consume", conn.xread_options(&[&stream], &[">"], &options)).await?;
+        let ids = reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default();
+        entries(ids)
+    }
+
+    async fn ack(&self, gateway: &str, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        observe("ack", conn.xack::<_, _, _, i64>(self.stream(gateway), GROUP, ids)).await.map(|_| ())
+    }
+
+    async fn reclaim(
+        &self,
+        gateway: &str,
+        consumer: &str,
+        min_idle: Duration,
+        max: usize,
+    ) -> Result<Vec<(String, BusEntry)>> {
+        let stream = self.stream(gateway);
+        self.ensure_group(&stream).await?;
+        let mut conn = self.conn.clone();
+        let options = StreamAutoClaimOptions::default().count(max);
+        let reply: StreamAutoClaimReply = observe(
+            "reclaim",
+            conn.xautoclaim_options(&stream, GROUP, consumer, min_idle.as_millis() as u64, "0-0", options),
+        )
+        .await?;
+        entries(reply.claimed)
+    }
+
+    async fn drop_stream(&self, gateway: &str) -> Result<()> {
+        let mut conn = self.conn.clone();
+        observe("drop_stream", conn.del::<_, ()>(self.stream(gateway))).await
+    }
+}
