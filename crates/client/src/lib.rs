@@ -57,6 +57,11 @@ impl Client {
         Self { http, base: base_url.into().trim_end_matches('/').to_string(), token: None, user_id: None }
     }
 
+    /// The same identity against another server (e.g. a send instance).
+    pub fn rebase(self, base_url: &str) -> Self {
+        Self { base: base_url.trim_end_matches('/').to_string(), ..self }
+    }
+
     /// A client that sends this bearer token.
     pub fn with_token(&self, token: impl Into<String>, user_id: Id) -> Self {
         Self { token: Some(token.into()), user_id: Some(user_id), ..self.clone() }

@@ -45,8 +45,19 @@ impl Client {
 
     /// Connects with the client's token and waits for `hello`.
     pub async fn connect(&self, device_id: &str) -> Result<Socket> {
+        self.connect_url(&self.ws_url(device_id)).await
+    }
+
+    /// Connects to a gateway's WebSocket URL (as the registry hands it out),
+    /// naming the device.
+    pub async fn connect_gateway(&self, gateway_ws_url: &str, device_id: &str) -> Result<Socket> {
+        let sep = if gateway_ws_url.contains('?') { '&' } else { '?' };
+        self.connect_url(&format!("{gateway_ws_url}{sep}device_id={}", crate::encode(device_id))).await
+    }
+
+    async fn connect_url(&self, url: &str) -> Result<Socket> {
         let token = self.token().ok_or_else(|| ClientError::Protocol("connect needs a logged-in client".into()))?;
-        let mut request = self.ws_url(device_id).into_client_request().map_err(ws_err)?;
+        let mut request = url.into_client_request().map_err(ws_err)?;
         let bearer = format!("Bearer {token}").parse().map_err(|_| ClientError::Protocol("bad token".into()))?;
         request.headers_mut().insert("authorization", bearer);
         let config = WebSocketConfig::default().max_message_size(Some(16 << 20));

@@ -71,6 +71,9 @@ pub struct BusEntry {
     /// Recipients connected to that gateway.
     pub users: Vec<UserId>,
     pub push: BusPush,
+    /// How many times a gateway passed it on to another (users who moved).
+    #[serde(default)]
+    pub hops: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -108,4 +111,6 @@ pub trait Bus: Send + Sync {
     ) -> Result<Vec<(String, BusEntry)>>;
     /// Deletes a dead gateway's stream.
     async fn drop_stream(&self, gateway: &str) -> Result<()>;
+    /// The gateways that have a stream.
+    async fn streams(&self) -> Result<Vec<String>>;
 }

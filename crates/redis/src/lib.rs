@@ -95,21 +95,22 @@ impl RedisCluster {
 
     /// Deletes every key under this cluster's prefix (tests and tools).
     pub async fn delete_all_keys(&self) -> Result<()> {
-        let mut conn = self.conn.clone();
-        let pattern = format!("{}:*", self.options.prefix);
-        let keys: Vec<String> = {
-            let mut iter: redis::AsyncIter<String> = observe("scan", conn.scan_match(&pattern)).await?;
-            let mut keys = Vec::new();
-            while let Some(key) = futures_next(&mut iter).await {
-                keys.push(key);
-            }
-            keys
-        };
+        let keys = self.scan(&format!("{}:*", self.options.prefix)).await?;
         if !keys.is_empty() {
             let mut conn = self.conn.clone();
             observe("delete_all_keys", conn.del::<_, ()>(keys)).await?;
         }
         Ok(())
+    }
+
+    async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        let mut iter: redis::AsyncIter<String> = observe("scan", conn.scan_match(pattern)).await?;
+        let mut keys = Vec::new();
+        while let Some(key) = futures_next(&mut iter).await {
+            keys.push(key);
+        }
+        Ok(keys)
     }
 
     async fn gateway(&self, id: &str) -> Result<Option<GatewayInfo>> {
@@ -348,5 +349,10 @@ impl Bus for RedisCluster {
     async fn drop_stream(&self, gateway: &str) -> Result<()> {
         let mut conn = self.conn.clone();
         observe("drop_stream", conn.del::<_, ()>(self.stream(gateway))).await
+    }
+
+    async fn streams(&self) -> Result<Vec<String>> {
+        let prefix = self.stream("");
+        Ok(self.scan(&format!("{prefix}*")).await?.into_iter().map(|k| k[prefix.len()..].to_string()).collect())
     }
 }

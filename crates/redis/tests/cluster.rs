@@ -114,6 +114,7 @@ async fn streams_deliver_in_order_ack_and_reclaim() {
     let entry = |seq: i64| BusEntry {
         users: vec![1, 2],
         push: BusPush::Message { room: 9, seq, frame: format!("{{\"seq\":{seq}}}") },
+        hops: 0,
     };
     for seq in 1..=3 {
         c.publish("gw1", &entry(seq)).await.unwrap();
@@ -139,6 +140,8 @@ async fn streams_deliver_in_order_ack_and_reclaim() {
     c.publish("gw1", &entry(4)).await.unwrap();
     let late = tokio::time::timeout(Duration::from_secs(2), reader).await.expect("woke up").unwrap();
     assert_eq!(late.len(), 1);
+    assert_eq!(c.streams().await.unwrap(), ["gw1"]);
     c.drop_stream("gw1").await.unwrap();
+    assert!(c.streams().await.unwrap().is_empty());
     c.delete_all_keys().await.unwrap();
 }

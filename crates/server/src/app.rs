@@ -8,18 +8,30 @@ use std::time::Duration;
 use anyhow::Context;
 use stacker_domain::accounts::Accounts;
 use stacker_domain::auth::Tokens;
+use stacker_domain::cluster::Registry;
 use stacker_domain::commit::{CommitConfig, GroupCommitter};
+use stacker_domain::delivery::remote::BusFanout;
 use stacker_domain::delivery::{self, Delivery, SessionLimits};
+use stacker_domain::fanout::Fanout;
 use stacker_domain::ids::IdGenerator;
 use stacker_domain::messages::{MessageLimits, Messages};
 use stacker_domain::rooms::Rooms;
 use stacker_domain::store::Store;
+use stacker_redis::RedisCluster;
 use stacker_store_sql::{SqlOptions, SqlStore};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+
+/// What a distributed-mode process shares with the rest of the cluster.
+pub struct ClusterContext {
+    pub redis: RedisCluster,
+    pub fanout: Arc<BusFanout>,
+    /// This process's instance id (gateway id for gateways).
+    pub instance: String,
+}
 
 /// Everything a request handler needs, shared by all of them.
 pub struct App {
@@ -35,11 +47,24 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// WebSocket connection tasks, awaited at shutdown.
     pub ws_tasks: TaskTracker,
+    /// Set in distributed mode.
+    pub cluster: Option<ClusterContext>,
 }
 
 impl App {
-    /// Connects the store (running migrations) and starts the services.
+    /// Connects the store (running migrations) and starts the services, all in
+    /// this process (standalone).
     pub async fn build(config: Config) -> anyhow::Result<App> {
+        Self::build_in(config, None).await
+    }
+
+    /// Like [`App::build`] for one process of a cluster: pushes go through
+    /// Redis streams, and the snowflake node id is leased from Redis.
+    pub async fn build_distributed(config: Config, redis: RedisCluster, instance: String) -> anyhow::Result<App> {
+        Self::build_in(config, Some((redis, instance))).await
+    }
+
+    async fn build_in(config: Config, cluster: Option<(RedisCluster, String)>) -> anyhow::Result<App> {
         // Install the recorder before anything records.
         crate::telemetry::prometheus();
         let url = config.database_url();
@@ -55,15 +80,37 @@ impl App {
         };
         let store: Arc<dyn Store> = Arc::new(store);
         let secret = jwt_secret(&config)?;
-        let ids = Arc::new(IdGenerator::new(config.node_id)?);
+        let node_id = match &cluster {
+            Some((redis, instance)) => lease_node_id(redis.clone(), instance.clone()).await?,
+            None => config.node_id,
+        };
+        let ids = Arc::new(IdGenerator::new(node_id)?);
         let tokens = Tokens::new(&secret, config.auth.token_ttl_s);
         let accounts =
             Accounts::new(store.clone(), ids.clone(), tokens, config.auth.max_login_failures_per_minute).await?;
-        let delivery = Delivery::start(store.clone(), delivery_config(&config));
-        let rooms = Arc::new(Rooms::new(store.clone(), ids.clone(), delivery.clone()));
+        let mut delivery_settings = delivery_config(&config);
+        if cluster.is_some() {
+            delivery_settings.member_cache_ttl = Duration::from_millis(config.cluster.member_cache_ms);
+        }
+        let delivery = Delivery::start(store.clone(), delivery_settings);
+        let cluster = cluster.map(|(redis, instance)| {
+            let fanout = Arc::new(BusFanout::new(
+                Arc::new(redis.clone()),
+                Arc::new(redis.clone()),
+                delivery.members().clone(),
+                Duration::from_millis(config.cluster.route_cache_ms),
+                config.delivery.batch_size,
+            ));
+            ClusterContext { redis, fanout, instance }
+        });
+        let fanout: Arc<dyn Fanout> = match &cluster {
+            Some(c) => c.fanout.clone(),
+            None => delivery.clone(),
+        };
+        let rooms = Arc::new(Rooms::new(store.clone(), ids.clone(), fanout.clone()));
         let committer = GroupCommitter::start(
             store.clone(),
-            delivery.clone(),
+            fanout.clone(),
             CommitConfig {
                 writers,
                 max_batch: config.database.max_batch,
@@ -71,9 +118,11 @@ impl App {
                 enqueue_timeout: config.enqueue_timeout(),
             },
         );
-        let messages =
-            Messages::new(store.clone(), rooms.clone(), committer, ids, message_limits(&config), delivery.clone());
-        let gateway_id = format!("standalone-{}", config.node_id);
+        let messages = Messages::new(store.clone(), rooms.clone(), committer, ids, message_limits(&config), fanout);
+        let gateway_id = match &cluster {
+            Some(c) => c.instance.clone(),
+            None => format!("standalone-{}", config.node_id),
+        };
         Ok(App {
             config,
             store,
@@ -84,6 +133,7 @@ impl App {
             gateway_id,
             shutdown: CancellationToken::new(),
             ws_tasks: TaskTracker::new(),
+            cluster,
         })
     }
 
@@ -126,6 +176,24 @@ fn message_limits(config: &Config) -> MessageLimits {
     }
 }
 
+/// Leases a snowflake node id for this instance and keeps renewing it.
+async fn lease_node_id(redis: RedisCluster, instance: String) -> anyhow::Result<u16> {
+    const TTL: Duration = Duration::from_secs(30);
+    let id = redis.lease_node_id(&instance, TTL).await?;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(TTL / 3).await;
+            match redis.lease_node_id(&instance, TTL).await {
+                Ok(renewed) if renewed == id => {}
+                Ok(other) => tracing::error!(id, other, "lost the snowflake node id lease; restart this instance"),
+                Err(e) => tracing::warn!(error = %e, "cannot renew the snowflake node id lease"),
+            }
+        }
+    });
+    tracing::info!(node_id = id, "leased snowflake node id");
+    Ok(id)
+}
+
 /// Whether two config values differ (compared by their serialized form).
 fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
     serde_json::to_value(a).ok() != serde_json::to_value(b).ok()
@@ -147,6 +215,7 @@ fn delivery_config(config: &Config) -> delivery::DeliveryConfig {
             ..SessionLimits::default()
         },
         ack_flush_interval: Duration::from_millis(d.ack_flush_ms),
+        member_cache_ttl: Duration::from_secs(600),
     }
 }
 
@@ -158,8 +227,17 @@ pub async fn run(
     app: impl Into<Arc<App>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let app: Arc<App> = app.into();
-    let router = crate::http::router(app.clone());
+    run_parts(listener, app.into(), crate::http::Parts::ALL, shutdown).await
+}
+
+/// [`run`] serving only `parts` of the API (a distributed role).
+pub async fn run_parts(
+    listener: TcpListener,
+    app: Arc<App>,
+    parts: crate::http::Parts,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let router = crate::http::router_for(app.clone(), parts);
     let timeout = Duration::from_millis(app.config.server.shutdown_timeout_ms);
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let serve = axum::serve(listener, router).with_graceful_shutdown(async move {

@@ -25,6 +25,7 @@ pub struct Config {
     pub messages: MessagesConfig,
     pub ws: WsConfig,
     pub delivery: DeliveryConfig,
+    pub cluster: ClusterConfig,
     pub log: LogConfig,
 }
 
@@ -149,6 +150,61 @@ impl Default for DeliveryConfig {
     }
 }
 
+/// Distributed mode (`stacker meta|send|registry|gateway|flusher`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Redis for the registry, routes, node-id leases and gateway streams.
+    pub redis_url: String,
+    /// Prefix of every Redis key (several clusters can share one Redis).
+    pub redis_prefix: String,
+    /// Shared secret for internal endpoints (header `x-stacker-internal`); at least 16 bytes.
+    pub internal_secret: String,
+    /// Where gateways reach the registry.
+    pub registry_url: String,
+    /// This gateway's id; empty: `gw-<port>`.
+    pub gateway_id: String,
+    /// The WebSocket URL the registry gives clients for this gateway; empty: from server.listen.
+    pub public_ws_url: String,
+    /// Connections this gateway accepts (the registry skips it when full).
+    pub gateway_capacity: u64,
+    /// Gateways heartbeat this often and are dead after `gateway_ttl_ms` without one.
+    pub heartbeat_ms: u64,
+    pub gateway_ttl_ms: u64,
+    /// After a user's last connection closes, a reconnect within this returns to the same gateway.
+    pub route_lease_ms: u64,
+    /// Send/meta instances cache user routes this long.
+    pub route_cache_ms: u64,
+    /// Room member lists are cached this long in distributed mode (membership
+    /// changes in meta cannot invalidate other processes' caches).
+    pub member_cache_ms: u64,
+    /// Approximate most entries kept per gateway stream.
+    pub stream_max_len: usize,
+    /// The flusher's pass interval.
+    pub flush_interval_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: String::new(),
+            redis_prefix: "stacker".into(),
+            internal_secret: String::new(),
+            registry_url: "http://127.0.0.1:8083".into(),
+            gateway_id: String::new(),
+            public_ws_url: String::new(),
+            gateway_capacity: 100_000,
+            heartbeat_ms: 2000,
+            gateway_ttl_ms: 6000,
+            route_lease_ms: 30_000,
+            route_cache_ms: 1000,
+            member_cache_ms: 1000,
+            stream_max_len: 100_000,
+            flush_interval_ms: 2000,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -179,6 +235,7 @@ impl Default for Config {
             messages: MessagesConfig::default(),
             ws: WsConfig::default(),
             delivery: DeliveryConfig::default(),
+            cluster: ClusterConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -229,7 +286,12 @@ pub struct ConfigError(pub String);
 impl Config {
     /// Defaults, then the YAML file (if given), then `STACKER_*` environment variables.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        Self::load_over(Config::default(), file)
+    }
+
+    /// [`Config::load`] starting from other defaults (a role's own port).
+    pub fn load_over(defaults: Config, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(defaults));
         if let Some(path) = file {
             if !path.exists() {
                 return Err(ConfigError(format!("config file {} does not exist", path.display())));
@@ -293,6 +355,24 @@ impl Config {
             && !["sqlite:", "mysql:", "mariadb:", "postgres:", "postgresql:"].iter().any(|p| url.starts_with(p))
         {
             return fail("database.url", "must start with sqlite:, mysql: or postgres:");
+        }
+        Ok(())
+    }
+
+    /// What a distributed role needs on top of [`Config::validate`].
+    pub fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if self.cluster.redis_url.is_empty() {
+            return fail("cluster.redis_url", "distributed roles need Redis (e.g. redis://127.0.0.1:6379)");
+        }
+        if self.cluster.internal_secret.len() < 16 {
+            return fail("cluster.internal_secret", "distributed roles need a shared secret of at least 16 bytes");
+        }
+        if self.auth.jwt_secret.is_empty() {
+            return fail("auth.jwt_secret", "every role must share one JWT secret: set it explicitly");
+        }
+        if self.cluster.gateway_ttl_ms <= self.cluster.heartbeat_ms {
+            return fail("cluster.gateway_ttl_ms", "must be greater than cluster.heartbeat_ms");
         }
         Ok(())
     }

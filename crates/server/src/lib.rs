@@ -5,11 +5,12 @@
 //! listener on 127.0.0.1:0 and call [`run`] with a shutdown future.
 
 pub mod app;
+pub mod cluster;
 pub mod config;
 mod error;
-mod http;
+pub mod http;
 pub mod telemetry;
 
-pub use app::{run, App};
+pub use app::{run, run_parts, App, ClusterContext};
 pub use config::Config;
 pub use error::ApiError;

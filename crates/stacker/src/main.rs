@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use stacker_server::cluster::{run_role, Role as ClusterRole};
 use stacker_server::{App, Config};
 
 #[derive(Parser)]
@@ -21,31 +22,46 @@ struct Cli {
 enum Role {
     /// Every role in one process on one port (default): HTTP API, WebSocket, metrics.
     Standalone,
-    /// Users, auth, rooms and membership (distributed mode; not built yet).
+    /// Distributed: users, auth, rooms and membership (port 8082).
     Meta,
-    /// Stateless send path (distributed mode; not built yet).
+    /// Distributed: stateless send path (port 8081).
     Send,
-    /// Service discovery and user routes (distributed mode; not built yet).
+    /// Distributed: gateway registry, load ranking and user routes (port 8083).
     Registry,
-    /// WebSocket gateway (distributed mode; not built yet).
+    /// Distributed: WebSocket gateway consuming its Redis stream (port 8084).
     Gateway,
-    /// Background write-back and stream reclaim (distributed mode; not built yet).
+    /// Distributed: reclaims the streams of dead gateways (ops routes on 8085).
     Flusher,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
+    let role = cli.role.unwrap_or(Role::Standalone);
+    let cluster_role = match role {
+        Role::Standalone => None,
+        Role::Meta => Some(ClusterRole::Meta),
+        Role::Send => Some(ClusterRole::Send),
+        Role::Registry => Some(ClusterRole::Registry),
+        Role::Gateway => Some(ClusterRole::Gateway),
+        Role::Flusher => Some(ClusterRole::Flusher),
+    };
+    // Each role listens on its own default port unless configured otherwise.
+    let mut defaults = Config::default();
+    if let Some(r) = cluster_role {
+        defaults.server.listen.set_port(r.default_port());
+    }
+    let config = match Config::load_over(defaults, cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("stacker: {e}");
             return ExitCode::from(2);
         }
     };
-    let role = cli.role.unwrap_or(Role::Standalone);
-    if role != Role::Standalone {
-        eprintln!("stacker: the {role:?} role is not built yet; run `stacker standalone`");
-        return ExitCode::from(2);
+    if cluster_role.is_some() {
+        if let Err(e) = config.validate_cluster() {
+            eprintln!("stacker: {e}");
+            return ExitCode::from(2);
+        }
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -54,7 +70,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(standalone(config, cli.config)) {
+    let result = match cluster_role {
+        None => runtime.block_on(standalone(config, cli.config)),
+        Some(role) => runtime.block_on(distributed(role, config)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("stacker: {e:#}");
@@ -74,6 +94,18 @@ async fn standalone(config: Config, config_file: Option<PathBuf>) -> anyhow::Res
     tokio::spawn(reload_on_sighup(app.clone(), logging, config_file));
     stacker_server::run(listener, app, shutdown_signal()).await?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+async fn distributed(role: ClusterRole, config: Config) -> anyhow::Result<()> {
+    let _logging = stacker_server::telemetry::init_logging(&config.log)?;
+    let listen = config.server.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("config: server.listen: cannot bind {listen}: {e}"))?;
+    tracing::info!(role = role.name(), addr = %listener.local_addr()?, "stacker role listening");
+    run_role(role, config, listener, shutdown_signal()).await?;
+    tracing::info!(role = role.name(), "stopped");
     Ok(())
 }
 

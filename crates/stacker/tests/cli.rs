@@ -30,10 +30,13 @@ fn help_lists_every_role() {
 }
 
 #[test]
-fn roles_not_built_yet_say_so() {
+fn distributed_roles_demand_redis_and_a_shared_secret() {
     let out = stacker().arg("gateway").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cluster.redis_url"));
+    let out = stacker().arg("send").env("STACKER_CLUSTER__REDIS_URL", "redis://127.0.0.1:1").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cluster.internal_secret"));
 }
 
 #[test]

@@ -176,10 +176,31 @@ impl SqlStore {
             Dialect::Mysql => &MYSQL_MIGRATIONS,
             Dialect::Postgres => &POSTGRES_MIGRATIONS,
         };
-        migrator
-            .run(&self.pool)
-            .await
-            .map_err(|e| Error::Store(format!("{} database migration failed: {e}", self.dialect)))
+        // Several instances may start at once. sqlx's own migration lock did not
+        // hold on MariaDB (two instances applied the same migration), so on
+        // MySQL/MariaDB we hold a named lock of our own, checking that we got it.
+        let fail = |e: String| Error::Store(format!("{} database migration failed: {e}", self.dialect));
+        let mut lock = None;
+        if self.dialect == Dialect::Mysql {
+            let mut conn = self.pool.acquire().await.map_err(|e| map_err("migrate", e))?;
+            let got: i64 = sqlx::query_scalar("SELECT CAST(GET_LOCK('stacker_migrations', 120) AS SIGNED)")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|e| map_err("migrate", e))?;
+            if got != 1 {
+                return Err(fail("timed out waiting for another instance's migrations".into()));
+            }
+            lock = Some(conn);
+        }
+        let result = migrator.run(&self.pool).await.map_err(|e| fail(e.to_string()));
+        if let Some(mut conn) = lock {
+            if let Err(e) = sqlx::query("SELECT RELEASE_LOCK('stacker_migrations')").execute(&mut *conn).await {
+                // The lock goes with the connection; make sure it is not reused.
+                tracing::warn!(error = %e, "cannot release the migration lock; closing its connection");
+                conn.close_on_drop();
+            }
+        }
+        result
     }
 
     pub fn dialect(&self) -> Dialect {

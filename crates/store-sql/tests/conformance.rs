@@ -22,6 +22,9 @@ async fn connect(db: &TestDb) -> SqlStore {
 /// The suite on one backend, then the backend-specific checks.
 async fn conformance(kind: DbKind) {
     let Some(db) = fresh_database(kind).await else { return };
+    if kind != DbKind::Sqlite {
+        concurrent_first_connects(&db).await;
+    }
     let store = connect(&db).await;
     let expected = match kind {
         DbKind::Sqlite => Dialect::Sqlite,
@@ -45,6 +48,15 @@ async fn conformance(kind: DbKind) {
     stacker_testkit::announce(&format!("conformance: {checks} checks passed on {kind}"));
     store.close().await;
     db.drop_database().await;
+}
+
+/// Several instances starting at once against an empty database all come up:
+/// migrations run once, the others wait for them.
+async fn concurrent_first_connects(db: &TestDb) {
+    let starts = (0..4).map(|_| SqlStore::connect(&db.url, SqlOptions::default()));
+    for result in futures::future::join_all(starts).await {
+        result.unwrap_or_else(|e| panic!("a concurrent first connect failed on {}: {e}", db.kind));
+    }
 }
 
 async fn restart_survival(db: &TestDb, first: &DynStore) -> usize {

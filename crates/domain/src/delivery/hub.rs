@@ -29,6 +29,9 @@ pub enum Push {
     Sync(Vec<(RoomId, i64)>),
     /// The user is no longer in `room`.
     Left(RoomId),
+    /// Compare every room's cursor with the store and catch up where behind
+    /// (after a connect in distributed mode, once route caches have expired).
+    Recheck,
     Close {
         code: u16,
         reason: String,

@@ -18,8 +18,10 @@ pub struct MemberCache {
 }
 
 impl MemberCache {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        let cache = Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(600)).build();
+    /// `ttl` bounds how stale a list can be when invalidations cannot reach
+    /// this process (distributed mode: membership changes happen in meta).
+    pub fn new(store: Arc<dyn Store>, ttl: Duration) -> Self {
+        let cache = Cache::builder().max_capacity(100_000).time_to_live(ttl).build();
         Self { store, cache }
     }
 

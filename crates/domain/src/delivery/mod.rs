@@ -16,6 +16,7 @@ mod dispatch;
 mod frame;
 mod hub;
 mod members;
+pub mod remote;
 mod session;
 
 use std::sync::Arc;
@@ -53,6 +54,8 @@ pub struct DeliveryConfig {
     pub session: SessionLimits,
     /// How often acknowledged cursors are written to the store.
     pub ack_flush_interval: Duration,
+    /// How long a room's member list is cached.
+    pub member_cache_ttl: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -66,6 +69,7 @@ impl Default for DeliveryConfig {
             max_connections: 200_000,
             session: SessionLimits::default(),
             ack_flush_interval: Duration::from_millis(500),
+            member_cache_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -83,7 +87,7 @@ pub struct Delivery {
 impl Delivery {
     pub fn start(store: Arc<dyn Store>, config: DeliveryConfig) -> Arc<Self> {
         let hub = Arc::new(Hub::new(config.max_connections, config.connection_queue));
-        let members = Arc::new(MemberCache::new(store.clone()));
+        let members = Arc::new(MemberCache::new(store.clone(), config.member_cache_ttl));
         let dispatcher = Dispatcher::start(hub.clone(), members.clone(), &config);
         let acks = AckBuffer::start(store.clone(), config.ack_flush_interval);
         Arc::new(Self { store, hub, members, dispatcher, acks, config })

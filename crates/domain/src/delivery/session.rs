@@ -176,6 +176,14 @@ impl Session {
                 }
                 metrics::counter!("stacker_catch_ups_total", "why" => "sync").increment(1);
             }
+            Push::Recheck => {
+                for room in self.store.member_cursors(self.handle.user_id).await.map_err(store_close)? {
+                    let cursor = *self.cursors.entry(room.room_id).or_insert(room.delivered_seq);
+                    if cursor < room.last_seq {
+                        self.catch_up.insert(room.room_id);
+                    }
+                }
+            }
             Push::Left(room) => {
                 self.cursors.remove(&room);
                 self.catch_up.remove(&room);

@@ -14,6 +14,7 @@ use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use stacker_domain::clock::now_ms;
+use stacker_domain::cluster::Registry;
 use stacker_domain::delivery::{Close, ConnHandle, Frame, Push, Session};
 use stacker_domain::model::Appended;
 use stacker_domain::{validate, Error};
@@ -50,7 +51,27 @@ pub async fn upgrade(
     if app.shutdown.is_cancelled() {
         return Err(Error::Unavailable("the server is shutting down; reconnect".into()).into());
     }
-    let (handle, session) = app.delivery.connect(user_id, &device_id).await?;
+    // Distributed: the route goes in before the session reads its cursors, so
+    // everything committed later is either pushed here or found by a recheck.
+    if let Some(cluster) = &app.cluster {
+        cluster.redis.route_connected(user_id, &cluster.instance).await?;
+    }
+    let (handle, session) = match app.delivery.connect(user_id, &device_id).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            route_closed(&app, user_id).await;
+            return Err(e.into());
+        }
+    };
+    if let Some(cluster) = &app.cluster {
+        // Send instances may hold a cached "not connected" for this user a little longer.
+        let (handle, wait) = (handle.clone(), Duration::from_millis(app.config.cluster.route_cache_ms * 2 + 200));
+        cluster.fanout.forget_routes(&[user_id]).await;
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            handle.offer(Push::Recheck, Duration::from_millis(100)).await;
+        });
+    }
     let ws_config = &app.config.ws;
     let failed = (app.clone(), handle.clone());
     let ws = ws
@@ -62,6 +83,7 @@ pub async fn upgrade(
         .on_failed_upgrade(move |e| {
             tracing::debug!(error = %e, "websocket upgrade failed");
             failed.0.delivery.disconnect(&failed.1);
+            tokio::spawn(async move { route_closed(&failed.0, failed.1.user_id).await });
         });
     let tracker = app.ws_tasks.clone();
     Ok(ws.on_upgrade(move |socket| tracker.track_future(serve(app, socket, handle, session))))
@@ -99,6 +121,17 @@ async fn serve(app: AppState, socket: WebSocket, handle: ConnHandle, mut session
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
     }
     app.delivery.disconnect(&handle);
+    route_closed(&app, handle.user_id).await;
+}
+
+/// Distributed: a connection of `user` on this gateway closed.
+async fn route_closed(app: &AppState, user: stacker_domain::model::UserId) {
+    if let Some(cluster) = &app.cluster {
+        let lease = Duration::from_millis(app.config.cluster.route_lease_ms);
+        if let Err(e) = cluster.redis.route_disconnected(user, &cluster.instance, lease).await {
+            tracing::warn!(error = %e, user, "cannot record the disconnect; the route stays until the gateway is dead");
+        }
+    }
 }
 
 /// Writes hello, then whatever the session yields, pinging on the heartbeat.

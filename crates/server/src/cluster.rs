@@ -1,0 +1,408 @@
+//! Distributed mode (SPEC §5): the registry service, and the background work
+//! of gateways (heartbeat, stream relay) and the flusher (reclaiming the
+//! streams of dead gateways). `run_role` starts any role.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts as RequestParts;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{middleware, Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use stacker_domain::cluster::{GatewayInfo, Registry};
+use stacker_domain::delivery::remote::{reclaim_dead, relay};
+use stacker_domain::{monitor, Error};
+use stacker_proto::http::Envelope;
+use stacker_proto::Id;
+use stacker_redis::{RedisCluster, RedisOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{error_response, ApiError};
+use crate::http::Parts;
+use crate::{App, Config};
+
+/// The header internal callers put the shared secret in.
+pub const INTERNAL_HEADER: &str = "x-stacker-internal";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Meta,
+    Send,
+    Registry,
+    Gateway,
+    Flusher,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Meta => "meta",
+            Role::Send => "send",
+            Role::Registry => "registry",
+            Role::Gateway => "gateway",
+            Role::Flusher => "flusher",
+        }
+    }
+
+    /// The role's default port (SPEC §1); the flusher serves only ops routes.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Role::Send => 8081,
+            Role::Meta => 8082,
+            Role::Registry => 8083,
+            Role::Gateway => 8084,
+            Role::Flusher => 8085,
+        }
+    }
+}
+
+pub async fn connect_redis(config: &Config) -> anyhow::Result<RedisCluster> {
+    let options =
+        RedisOptions { prefix: config.cluster.redis_prefix.clone(), stream_max_len: config.cluster.stream_max_len };
+    Ok(RedisCluster::connect(&config.cluster.redis_url, options).await?)
+}
+
+/// Runs one role until `shutdown` resolves.
+pub async fn run_role(
+    role: Role,
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate_cluster()?;
+    let redis = connect_redis(&config).await?;
+    let addr = listener.local_addr()?;
+    match role {
+        Role::Registry => serve_registry(listener, redis, config, shutdown).await,
+        Role::Meta => {
+            serve_app(
+                config,
+                redis,
+                format!("meta-{}", addr.port()),
+                listener,
+                Parts { meta: true, send: false, ws: false },
+                shutdown,
+            )
+            .await
+        }
+        Role::Send => {
+            serve_app(
+                config,
+                redis,
+                format!("send-{}", addr.port()),
+                listener,
+                Parts { meta: false, send: true, ws: false },
+                shutdown,
+            )
+            .await
+        }
+        Role::Gateway => serve_gateway(config, redis, listener, addr, shutdown).await,
+        Role::Flusher => serve_flusher(config, redis, listener, shutdown).await,
+    }
+}
+
+async fn serve_app(
+    config: Config,
+    redis: RedisCluster,
+    instance: String,
+    listener: TcpListener,
+    parts: Parts,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = Arc::new(App::build_distributed(config, redis, instance).await?);
+    crate::run_parts(listener, app, parts, shutdown).await
+}
+
+fn gateway_info(config: &Config, id: &str, addr: SocketAddr, connections: usize) -> GatewayInfo {
+    let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+    let ws_url = if config.cluster.public_ws_url.is_empty() {
+        format!("ws://{host}:{}/api/ws", addr.port())
+    } else {
+        config.cluster.public_ws_url.clone()
+    };
+    GatewayInfo {
+        id: id.to_string(),
+        ws_url,
+        internal_url: format!("http://{host}:{}", addr.port()),
+        capacity: config.cluster.gateway_capacity,
+        connections: connections as u64,
+    }
+}
+
+async fn serve_gateway(
+    config: Config,
+    redis: RedisCluster,
+    listener: TcpListener,
+    addr: SocketAddr,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let id = if config.cluster.gateway_id.is_empty() {
+        format!("gw-{}", addr.port())
+    } else {
+        config.cluster.gateway_id.clone()
+    };
+    let app = Arc::new(App::build_distributed(config.clone(), redis.clone(), id.clone()).await?);
+    let stop = CancellationToken::new();
+    let http = reqwest::Client::new();
+    let registry = config.cluster.registry_url.trim_end_matches('/').to_string();
+    let secret = config.cluster.internal_secret.clone();
+
+    // Registered before serving, so clients can be sent here as soon as it listens.
+    heartbeat(&http, &registry, &secret, &gateway_info(&config, &id, addr, 0), config.cluster.gateway_ttl_ms).await?;
+    let beat = {
+        let (app, stop, http, registry, secret, id, config) =
+            (app.clone(), stop.clone(), http.clone(), registry.clone(), secret.clone(), id.clone(), config.clone());
+        tokio::spawn(async move {
+            let period = Duration::from_millis(config.cluster.heartbeat_ms);
+            while !stop.is_cancelled() {
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = stop.cancelled() => break,
+                }
+                let info = gateway_info(&config, &id, addr, app.delivery.hub().connections());
+                if let Err(e) = heartbeat(&http, &registry, &secret, &info, config.cluster.gateway_ttl_ms).await {
+                    tracing::warn!(error = %e, "gateway heartbeat failed");
+                }
+            }
+        })
+    };
+    let relay_task = tokio::spawn(relay(
+        Arc::new(redis.clone()),
+        Arc::new(redis.clone()),
+        app.delivery.hub().clone(),
+        id.clone(),
+        app.delivery_enqueue_timeout(),
+        stop.clone(),
+    ));
+    tracing::info!(gateway = %id, "gateway registered and relaying its stream");
+    let result = crate::run_parts(listener, app, Parts { meta: false, send: false, ws: true }, shutdown).await;
+    stop.cancel();
+    let _ = beat.await;
+    let _ = relay_task.await;
+    let deregister = http
+        .post(format!("{registry}/registry/gateway/deregister"))
+        .header(INTERNAL_HEADER, &secret)
+        .json(&json!({ "id": id }))
+        .send()
+        .await;
+    if let Err(e) = deregister {
+        tracing::warn!(error = %e, "cannot deregister; the registry drops this gateway after its TTL");
+    }
+    result
+}
+
+async fn heartbeat(
+    http: &reqwest::Client,
+    registry: &str,
+    secret: &str,
+    info: &GatewayInfo,
+    ttl_ms: u64,
+) -> anyhow::Result<()> {
+    let resp = http
+        .post(format!("{registry}/registry/gateway/heartbeat"))
+        .header(INTERNAL_HEADER, secret)
+        .json(&HeartbeatRequest { gateway: info.clone(), ttl_ms: Some(ttl_ms) })
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status().is_success(), "registry answered {}", resp.status());
+    Ok(())
+}
+
+async fn serve_flusher(
+    config: Config,
+    redis: RedisCluster,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let task = {
+        let (stop, redis) = (stop.clone(), redis.clone());
+        let period = Duration::from_millis(config.cluster.flush_interval_ms);
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                match reclaim_dead(&redis, &redis, "flusher").await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(entries = n, "re-routed entries of dead gateways"),
+                    Err(e) => tracing::warn!(error = %e, "flusher pass failed"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+        })
+    };
+    let result = serve_ops_only(listener, redis, config, shutdown).await;
+    stop.cancel();
+    let _ = task.await;
+    result
+}
+
+// ---- The registry service -------------------------------------------------
+
+struct RegistryState {
+    redis: RedisCluster,
+    config: Config,
+}
+
+type Shared = Arc<RegistryState>;
+
+/// A caller that presented the internal credential.
+struct Internal;
+
+impl FromRequestParts<Shared> for Internal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut RequestParts, state: &Shared) -> Result<Self, ApiError> {
+        let given = parts.headers.get(INTERNAL_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+        if constant_time_eq(given, state.config.cluster.internal_secret.as_bytes()) {
+            Ok(Internal)
+        } else {
+            Err(ApiError(Error::Unauthorized(format!("internal endpoint: send the {INTERNAL_HEADER} credential"))))
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn ok<T: Serialize>(data: T) -> Json<Envelope<T>> {
+    Json(Envelope { code: 0, msg: "ok".into(), data: Some(data) })
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub gateway: GatewayInfo,
+    /// Dead after this long without another heartbeat (default: cluster.gateway_ttl_ms).
+    pub ttl_ms: Option<u64>,
+}
+
+async fn gateway_heartbeat(
+    State(s): State<Shared>,
+    _: Internal,
+    crate::http::Body(req): crate::http::Body<HeartbeatRequest>,
+) -> Result<Json<Envelope<()>>, ApiError> {
+    if req.gateway.id.is_empty() || req.gateway.id.contains(':') || req.gateway.id.len() > 64 {
+        return Err(ApiError(Error::bad_request("gateway.id must be 1 to 64 characters without ':'")));
+    }
+    let ttl = Duration::from_millis(req.ttl_ms.unwrap_or(s.config.cluster.gateway_ttl_ms).clamp(100, 600_000));
+    s.redis.heartbeat_gateway(&req.gateway, ttl).await?;
+    Ok(Json(Envelope { code: 0, msg: "ok".into(), data: None }))
+}
+
+#[derive(Deserialize)]
+struct IdRequest {
+    id: String,
+}
+
+async fn gateway_deregister(
+    State(s): State<Shared>,
+    _: Internal,
+    crate::http::Body(req): crate::http::Body<IdRequest>,
+) -> Result<Json<Envelope<()>>, ApiError> {
+    s.redis.deregister_gateway(&req.id).await?;
+    Ok(Json(Envelope { code: 0, msg: "ok".into(), data: None }))
+}
+
+#[derive(Deserialize)]
+struct AvailableQuery {
+    user_id: Option<Id>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct AvailableResponse {
+    pub gateway_id: String,
+    pub ws_url: String,
+}
+
+/// Public: where a client should connect.
+async fn gateway_available(
+    State(s): State<Shared>,
+    crate::http::Params(q): crate::http::Params<AvailableQuery>,
+) -> Result<Json<Envelope<AvailableResponse>>, ApiError> {
+    match s.redis.pick_gateway(q.user_id.map(|id| id.0)).await? {
+        Some(gw) => Ok(ok(AvailableResponse { gateway_id: gw.id, ws_url: gw.ws_url })),
+        None => Err(ApiError(Error::Unavailable("no gateway with free capacity is alive".into()))),
+    }
+}
+
+async fn gateways(State(s): State<Shared>, _: Internal) -> Result<Json<Envelope<Value>>, ApiError> {
+    Ok(ok(json!({ "gateways": s.redis.live_gateways().await? })))
+}
+
+#[derive(Deserialize)]
+struct RoutesRequest {
+    user_ids: Vec<Id>,
+}
+
+async fn routes(
+    State(s): State<Shared>,
+    _: Internal,
+    crate::http::Body(req): crate::http::Body<RoutesRequest>,
+) -> Result<Json<Envelope<Value>>, ApiError> {
+    if req.user_ids.len() > 10_000 {
+        return Err(ApiError(Error::bad_request("at most 10000 user_ids per call")));
+    }
+    let ids: Vec<i64> = req.user_ids.iter().map(|id| id.0).collect();
+    let found = s.redis.routes(&ids).await?;
+    let routes: serde_json::Map<String, Value> =
+        found.into_iter().map(|(u, gws)| (u.to_string(), json!(gws))).collect();
+    Ok(ok(json!({ "routes": routes })))
+}
+
+async fn registry_ready(State(s): State<Shared>) -> Result<Json<Envelope<Value>>, ApiError> {
+    s.redis.ping().await?;
+    Ok(ok(json!({ "status": "ready", "redis": "ok", "dependencies": monitor::snapshot() })))
+}
+
+fn ops_router(state: Shared) -> Router<Shared> {
+    let _ = state;
+    Router::new()
+        .route("/ping", get(|| async { ok("pong") }))
+        .route("/healthz", get(|| async { ok(json!({ "status": "alive" })) }))
+        .route("/readyz", get(registry_ready))
+        .route("/metrics", get(crate::http::metrics))
+}
+
+async fn serve_registry(
+    listener: TcpListener,
+    redis: RedisCluster,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    crate::telemetry::prometheus();
+    let state = Arc::new(RegistryState { redis, config });
+    let router = ops_router(state.clone())
+        .route("/registry/gateway/register", post(gateway_heartbeat))
+        .route("/registry/gateway/heartbeat", post(gateway_heartbeat))
+        .route("/registry/gateway/deregister", post(gateway_deregister))
+        .route("/registry/gateway/available", get(gateway_available))
+        .route("/registry/gateways", get(gateways))
+        .route("/registry/routes", post(routes))
+        .fallback(|| async { error_response(StatusCode::NOT_FOUND, "no such route".into()) })
+        .layer(middleware::from_fn(crate::telemetry::track_http))
+        .with_state(state);
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
+
+async fn serve_ops_only(
+    listener: TcpListener,
+    redis: RedisCluster,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    crate::telemetry::prometheus();
+    let state = Arc::new(RegistryState { redis, config });
+    let router = ops_router(state.clone()).layer(middleware::from_fn(crate::telemetry::track_http)).with_state(state);
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}

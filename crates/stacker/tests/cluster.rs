@@ -1,0 +1,333 @@
+//! Distributed mode end to end: registry, meta, two send instances, two
+//! gateways and the flusher as separate `stacker` processes on a real Redis and
+//! a real MariaDB or PostgreSQL (when configured; see stacker-testkit).
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use stacker_client::{Client, Socket};
+use stacker_proto::ws::ServerFrame;
+use stacker_proto::{Content, Id};
+use stacker_testkit::{fresh_database, service_url, DbKind, Service};
+
+const SECRET: &str = "cluster-test-internal-secret";
+
+struct Proc {
+    port: u16,
+    child: Child,
+}
+
+impl Proc {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// kill -9.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Cluster {
+    env: Vec<(String, String)>,
+    registry: String,
+    procs: Vec<Proc>,
+}
+
+impl Cluster {
+    fn new(db_url: &str, redis_url: &str, data_dir: &std::path::Path) -> Cluster {
+        let prefix = format!("stacker-e2e-{}", free_port());
+        let env: Vec<(String, String)> = [
+            ("STACKER_DATABASE__URL", db_url.to_string()),
+            ("STACKER_CLUSTER__REDIS_URL", redis_url.to_string()),
+            ("STACKER_CLUSTER__REDIS_PREFIX", prefix),
+            ("STACKER_CLUSTER__INTERNAL_SECRET", SECRET.to_string()),
+            ("STACKER_CLUSTER__HEARTBEAT_MS", "200".to_string()),
+            ("STACKER_CLUSTER__GATEWAY_TTL_MS", "800".to_string()),
+            ("STACKER_CLUSTER__FLUSH_INTERVAL_MS", "300".to_string()),
+            ("STACKER_AUTH__JWT_SECRET", "cluster-test-jwt-secret-of-32-bytes!!".to_string()),
+            ("STACKER_DATA_DIR", data_dir.display().to_string()),
+            // The "listening" line tells the test which port each role bound.
+            ("STACKER_LOG__LEVEL", "warn,stacker=info".to_string()),
+            ("STACKER_LOG__FORMAT", "json".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let mut cluster = Cluster { env, registry: String::new(), procs: Vec::new() };
+        let registry = cluster.start("registry");
+        cluster.registry = cluster.url(registry);
+        cluster.env.push(("STACKER_CLUSTER__REGISTRY_URL".into(), cluster.registry.clone()));
+        cluster
+    }
+
+    /// Starts a role on a port of its own choosing (port 0) and learns the
+    /// port from its "listening" log line: no race for a free port.
+    fn start(&mut self, role: &str) -> usize {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stacker"));
+        for (key, _) in std::env::vars() {
+            if key.starts_with("STACKER_") {
+                cmd.env_remove(key);
+            }
+        }
+        let mut child = cmd
+            .arg(role)
+            .envs(self.env.iter().cloned())
+            .env("STACKER_SERVER__LISTEN", "127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut sent = false;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if !sent {
+                    let addr = serde_json::from_str::<Value>(&line)
+                        .ok()
+                        .and_then(|v| v["fields"]["addr"].as_str().map(str::to_owned));
+                    if let Some(addr) = addr {
+                        let _ = tx.send(addr);
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("{role} did not start (exit: {:?})", child.try_wait()));
+        let port = addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in the listening line");
+        self.procs.push(Proc { port, child });
+        self.procs.len() - 1
+    }
+
+    fn url(&self, i: usize) -> String {
+        self.procs[i].url()
+    }
+
+    /// Asks the registry where `user` should connect.
+    async fn available(&self, user: Id) -> Result<(String, String), u16> {
+        let resp = reqwest::get(format!("{}/registry/gateway/available?user_id={user}", self.registry)).await.unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap();
+        if status != 200 {
+            return Err(status);
+        }
+        let data = &body["data"];
+        Ok((data["gateway_id"].as_str().unwrap().to_string(), data["ws_url"].as_str().unwrap().to_string()))
+    }
+}
+
+async fn collect(socket: &mut Socket, room: Id, n: usize) -> Vec<i64> {
+    let mut seqs = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seqs.len() < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match socket.next_frame_within(left).await.unwrap() {
+            Some(ServerFrame::Chat(m)) if m.room_id == room => seqs.push(m.seq),
+            Some(ServerFrame::Batch { messages }) => {
+                seqs.extend(messages.iter().filter(|m| m.room_id == room).map(|m| m.seq))
+            }
+            Some(_) => {}
+            None => panic!("stream ended after {} of {n}", seqs.len()),
+        }
+    }
+    seqs
+}
+
+/// Reads until every seq in `after+1..=upto` of `room` arrived; returns all seqs seen.
+async fn collect_through(socket: &mut Socket, room: Id, after: i64, upto: i64) -> Vec<i64> {
+    let mut seqs = Vec::new();
+    let mut missing: std::collections::BTreeSet<i64> = (after + 1..=upto).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !missing.is_empty() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let got: Vec<i64> = match socket.next_frame_within(left).await.unwrap() {
+            Some(ServerFrame::Chat(m)) if m.room_id == room => vec![m.seq],
+            Some(ServerFrame::Batch { messages }) => {
+                messages.iter().filter(|m| m.room_id == room).map(|m| m.seq).collect()
+            }
+            Some(_) => vec![],
+            None => panic!("stream ended with {} seqs still missing", missing.len()),
+        };
+        for s in got {
+            missing.remove(&s);
+            seqs.push(s);
+        }
+    }
+    seqs
+}
+
+fn in_order(seqs: &[i64], from: i64) -> bool {
+    seqs.iter().enumerate().all(|(i, s)| *s == from + i as i64)
+}
+
+async fn end_to_end(kind: DbKind) {
+    let Some(redis) = service_url(Service::Redis) else { return };
+    let Some(db) = fresh_database(kind).await else { return };
+    let dir = std::env::temp_dir().join(format!("stacker-e2e-{}-{}", kind, free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut c = Cluster::new(&db.url, &redis, &dir);
+    let meta = c.start("meta");
+    let send = [c.start("send"), c.start("send")];
+    let gateways = [c.start("gateway"), c.start("gateway")];
+    c.start("flusher");
+
+    // Internal endpoints refuse calls without the credential.
+    let http = reqwest::Client::new();
+    let refused = http.get(format!("{}/registry/gateways", c.registry)).send().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    let allowed = http
+        .get(format!("{}/registry/gateways", c.registry))
+        .header("x-stacker-internal", SECRET)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allowed.status().as_u16(), 200);
+    let bad_heartbeat = http
+        .post(format!("{}/registry/gateway/heartbeat", c.registry))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_heartbeat.status().as_u16(), 401);
+
+    // Users log in through meta and connect where the registry sends them,
+    // one at a time so heartbeats report the load in between.
+    let anon = Client::new(c.url(meta));
+    let mut users = Vec::new();
+    let mut sockets = Vec::new();
+    let mut placed: HashMap<String, usize> = HashMap::new();
+    for i in 0..6 {
+        let name = format!("u{i}-{}", free_port());
+        anon.register(&name, "correct horse", None).await.unwrap();
+        let user = anon.login(&name, "correct horse").await.unwrap();
+        let (gateway, ws_url) = c.available(user.user_id()).await.unwrap();
+        *placed.entry(gateway).or_default() += 1;
+        sockets.push(user.connect_gateway(&ws_url, "d").await.unwrap());
+        users.push(user);
+        tokio::time::sleep(Duration::from_millis(450)).await;
+    }
+    assert_eq!(placed.len(), 2, "the registry spreads users over both gateways: {placed:?}");
+    let offline_name = format!("late-{}", free_port());
+    anon.register(&offline_name, "correct horse", None).await.unwrap();
+    let offline = anon.login(&offline_name, "correct horse").await.unwrap();
+
+    // A group message stream through both send instances reaches every online
+    // device on both gateways, in order.
+    let mut ids: Vec<Id> = users.iter().map(Client::user_id).collect();
+    ids.push(offline.user_id());
+    let room = users[0].create_group("everyone", &ids[1..], None).await.unwrap();
+    let senders = [users[0].clone().rebase(&c.url(send[0])), users[1].clone().rebase(&c.url(send[1]))];
+    for i in 0..40 {
+        senders[i % 2].send(room, Content::text(format!("m{i}")), Some(&format!("c{i}"))).await.unwrap();
+    }
+    for socket in sockets.iter_mut() {
+        let seqs = collect(socket, room, 40).await;
+        assert!(in_order(&seqs, 1), "{seqs:?}");
+    }
+
+    // 1:1.
+    let direct = users[2].create_direct(users[5].user_id()).await.unwrap();
+    users[2].clone().rebase(&c.url(send[1])).send_text(direct, "psst").await.unwrap();
+    assert_eq!(collect(&mut sockets[5], direct, 1).await, vec![1]);
+
+    // The offline user catches up on login, in order.
+    let (_, ws_url) = c.available(offline.user_id()).await.unwrap();
+    let mut late = offline.connect_gateway(&ws_url, "d").await.unwrap();
+    assert!(in_order(&collect(&mut late, room, 40).await, 1));
+
+    // A send instance dies: a client retries through the other with the same
+    // client_msg_id, and nothing is stored twice.
+    c.procs[send[0]].kill();
+    let via_dead = users[3].clone().rebase(&c.url(send[0])).send(room, Content::text("retry me"), Some("once")).await;
+    assert!(via_dead.is_err());
+    let first =
+        users[3].clone().rebase(&c.url(send[1])).send(room, Content::text("retry me"), Some("once")).await.unwrap();
+    let again =
+        users[3].clone().rebase(&c.url(send[1])).send(room, Content::text("retry me"), Some("once")).await.unwrap();
+    assert_eq!((first.msg_id, first.seq), (again.msg_id, again.seq));
+    assert_eq!(first.seq, 41);
+
+    // A gateway dies (kill -9) in the middle of a stream: its clients reconnect
+    // through the registry to the other gateway and end with every message once.
+    let victim = gateways[0];
+    let victim_id = format!("gw-{}", c.procs[victim].port);
+    let sender = senders[1].clone();
+    let stream = tokio::spawn(async move {
+        for i in 0..60 {
+            sender.send(room, Content::text(format!("s{i}")), Some(&format!("s{i}"))).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    c.procs[victim].kill();
+    stream.await.unwrap();
+    let last_seq = 41 + 60;
+    for (i, user) in users.iter().enumerate() {
+        let mut seen: Vec<i64> = Vec::new();
+        // What arrived before the failure (the live socket may have died).
+        while let Ok(Some(frame)) = sockets[i].next_frame_within(Duration::from_millis(300)).await {
+            match frame {
+                ServerFrame::Chat(m) if m.room_id == room => seen.push(m.seq),
+                ServerFrame::Batch { messages } => {
+                    seen.extend(messages.iter().filter(|m| m.room_id == room).map(|m| m.seq))
+                }
+                _ => {}
+            }
+        }
+        seen.retain(|s| *s > 40);
+        let have = seen.iter().copied().filter(|s| *s <= last_seq).max().unwrap_or(40);
+        if have < last_seq {
+            // Reconnect where the registry says (a dead gateway leaves the ranking).
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let ws_url = loop {
+                if let Ok((gw, url)) = c.available(user.user_id()).await {
+                    if gw != victim_id {
+                        break url;
+                    }
+                }
+                assert!(Instant::now() < deadline, "the registry kept sending clients to the dead gateway");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            let mut socket = user.connect_gateway(&ws_url, "d").await.unwrap();
+            socket.send_frame(&stacker_proto::ws::ClientFrame::Sync { cursors: [(room, have)].into() }).await.unwrap();
+            seen.extend(collect_through(&mut socket, room, have, last_seq).await);
+        }
+        let mut unique: Vec<i64> = seen.iter().copied().filter(|s| *s > 40).collect();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique, (41..=last_seq).collect::<Vec<_>>(), "user {i}: every message once after dedupe, no gap");
+    }
+
+    drop(c);
+    db.drop_database().await;
+    std::fs::remove_dir_all(&dir).ok();
+    stacker_testkit::announce(&format!("cluster end to end: passed on {kind}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_on_mysql() {
+    end_to_end(DbKind::Mysql).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_on_postgres() {
+    end_to_end(DbKind::Postgres).await;
+}
