@@ -43,8 +43,9 @@ impl GatewayInfo {
 #[async_trait]
 pub trait Registry: Send + Sync {
     /// Registers or refreshes (heartbeat) a gateway; it is dead once `ttl`
-    /// passes without another call.
-    async fn heartbeat_gateway(&self, gateway: &GatewayInfo, ttl: Duration) -> Result<()>;
+    /// passes without another call. True when the registry held no live record
+    /// of it (first start, or the registry lost its state, e.g. a Redis restart).
+    async fn heartbeat_gateway(&self, gateway: &GatewayInfo, ttl: Duration) -> Result<bool>;
     async fn deregister_gateway(&self, id: &str) -> Result<()>;
     /// Live gateways, least loaded first; dead ones leave the ranking.
     async fn live_gateways(&self) -> Result<Vec<GatewayInfo>>;
@@ -59,6 +60,8 @@ pub trait Registry: Send + Sync {
     async fn route_disconnected(&self, user: UserId, gateway: &str, lease: Duration) -> Result<()>;
     /// The gateways each user has open connections on (users with none are absent).
     async fn routes(&self, users: &[UserId]) -> Result<HashMap<UserId, Vec<String>>>;
+    /// Sets `gateway`'s connection counts for these users (after the registry lost them).
+    async fn restore_routes(&self, gateway: &str, users: &[(UserId, usize)]) -> Result<()>;
 
     /// Leases a snowflake node id (0–1023) distinct from every other live
     /// instance's; the holder renews it with the same call before `ttl` ends.

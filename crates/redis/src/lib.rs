@@ -49,6 +49,9 @@ impl Default for RedisOptions {
 pub struct RedisCluster {
     client: redis::Client,
     conn: ConnectionManager,
+    /// For blocking stream reads, which must not share the manager's connection
+    /// (nor its response timeout); rebuilt after an error.
+    blocking: std::sync::Arc<tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
     options: RedisOptions,
 }
 
@@ -76,7 +79,7 @@ impl RedisCluster {
     pub async fn connect(url: &str, options: RedisOptions) -> Result<RedisCluster> {
         let client = redis::Client::open(url).map_err(|e| Error::Store(format!("redis url: {e}")))?;
         let conn = observe("connect", ConnectionManager::new(client.clone())).await?;
-        Ok(RedisCluster { client, conn, options })
+        Ok(RedisCluster { client, conn, blocking: Default::default(), options })
     }
 
     fn key(&self, suffix: String) -> String {
@@ -146,16 +149,21 @@ fn entries(reply: Vec<redis::streams::StreamId>) -> Result<Vec<(String, BusEntry
 
 #[async_trait]
 impl Registry for RedisCluster {
-    async fn heartbeat_gateway(&self, gateway: &GatewayInfo, ttl: Duration) -> Result<()> {
+    async fn heartbeat_gateway(&self, gateway: &GatewayInfo, ttl: Duration) -> Result<bool> {
         let json = serde_json::to_vec(gateway).map_err(|e| Error::Internal(e.to_string()))?;
         let mut pipe = redis::pipe();
         pipe.atomic()
-            .pset_ex(self.key(format!("gw:{}", gateway.id)), json, ttl.as_millis() as u64)
-            .ignore()
+            .cmd("SET")
+            .arg(self.key(format!("gw:{}", gateway.id)))
+            .arg(json)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg("GET")
             .zadd(self.key("gw:rank".to_string()), &gateway.id, gateway.load())
             .ignore();
         let mut conn = self.conn.clone();
-        observe("heartbeat_gateway", pipe.query_async::<()>(&mut conn)).await
+        let (previous,): (Option<Vec<u8>>,) = observe("heartbeat_gateway", pipe.query_async(&mut conn)).await?;
+        Ok(previous.is_none())
     }
 
     async fn deregister_gateway(&self, id: &str) -> Result<()> {
@@ -256,6 +264,18 @@ impl Registry for RedisCluster {
         Ok(users.iter().copied().zip(found).filter(|(_, gws)| !gws.is_empty()).collect())
     }
 
+    async fn restore_routes(&self, gateway: &str, users: &[(UserId, usize)]) -> Result<()> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (user, count) in users {
+            pipe.hset(self.key(format!("route:{user}")), gateway, *count as u64).ignore();
+        }
+        let mut conn = self.conn.clone();
+        observe("restore_routes", pipe.query_async::<()>(&mut conn)).await
+    }
+
     async fn lease_node_id(&self, instance: &str, ttl: Duration) -> Result<u16> {
         // Renew ours if we hold one; otherwise take the first free id from a
         // random start, all in one script so two instances never share an id.
@@ -279,7 +299,10 @@ impl Registry for RedisCluster {
             end
             return -1",
         );
-        let start = (now_ms() as u64 ^ instance.len() as u64) % 1024;
+        // A start fixed per instance: after Redis loses the leases (a restart) an
+        // instance most likely gets its old id back.
+        let start =
+            instance.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)) % 1024;
         let mut conn = self.conn.clone();
         let mut invocation = script.prepare_invoke();
         invocation.key(self.key("node:".to_string())).arg(instance).arg(ttl.as_millis().max(1) as u64).arg(start);
@@ -310,11 +333,23 @@ impl Bus for RedisCluster {
     ) -> Result<Vec<(String, BusEntry)>> {
         let stream = self.stream(gateway);
         self.ensure_group(&stream).await?;
-        // A blocking read holds its connection: use a dedicated one, not the shared manager.
-        let mut conn = observe("consume", self.client.get_multiplexed_async_connection()).await?;
+        // A blocking read holds its connection: use a dedicated one whose response
+        // timeout outlasts the block (the client's default, 500 ms, would race it).
+        let mut slot = self.blocking.lock().await;
+        if slot.is_none() {
+            let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(block + Duration::from_secs(5)));
+            *slot = Some(observe("consume", self.client.get_multiplexed_async_connection_with_config(&config)).await?);
+        }
+        let Some(conn) = slot.as_mut() else { return Ok(Vec::new()) };
         let options = StreamReadOptions::default().group(GROUP, consumer).count(max).block(block.as_millis() as usize);
         let reply: Option<StreamReadReply> =
-            observe("consume", conn.xread_options(&[&stream], &[">"], &options)).await?;
+            match observe("consume", conn.xread_options(&[&stream], &[">"], &options)).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    *slot = None; // reconnect next time (e.g. after a Redis restart)
+                    return Err(e);
+                }
+            };
         let ids = reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default();
         entries(ids)
     }

@@ -30,7 +30,8 @@ const TTL: Duration = Duration::from_secs(30);
 #[tokio::test]
 async fn ranking_capacity_and_dead_gateways() {
     let Some(c) = cluster().await else { return };
-    c.heartbeat_gateway(&gw("a", 50, 100), TTL).await.unwrap();
+    assert!(c.heartbeat_gateway(&gw("a", 50, 100), TTL).await.unwrap(), "first registration is new");
+    assert!(!c.heartbeat_gateway(&gw("a", 50, 100), TTL).await.unwrap(), "a heartbeat is not");
     c.heartbeat_gateway(&gw("b", 10, 100), TTL).await.unwrap();
     c.heartbeat_gateway(&gw("full", 5, 5), TTL).await.unwrap();
     let ids: Vec<String> = c.live_gateways().await.unwrap().into_iter().map(|g| g.id).collect();
@@ -87,6 +88,11 @@ async fn routes_survive_while_connected_and_lease_after() {
     let mut both = c.routes(&[user]).await.unwrap().remove(&user).unwrap();
     both.sort();
     assert_eq!(both, ["busy", "idle"]);
+
+    // Restoring after the registry lost its state.
+    c.restore_routes("idle", &[(99, 2), (100, 1)]).await.unwrap();
+    let routes = c.routes(&[99, 100]).await.unwrap();
+    assert_eq!((routes[&99].clone(), routes[&100].clone()), (vec!["idle".to_string()], vec!["idle".to_string()]));
     c.delete_all_keys().await.unwrap();
 }
 

@@ -156,8 +156,16 @@ async fn serve_gateway(
     // Registered before serving, so clients can be sent here as soon as it listens.
     heartbeat(&http, &registry, &secret, &gateway_info(&config, &id, addr, 0), config.cluster.gateway_ttl_ms).await?;
     let beat = {
-        let (app, stop, http, registry, secret, id, config) =
-            (app.clone(), stop.clone(), http.clone(), registry.clone(), secret.clone(), id.clone(), config.clone());
+        let (app, stop, http, registry, secret, id, config, redis) = (
+            app.clone(),
+            stop.clone(),
+            http.clone(),
+            registry.clone(),
+            secret.clone(),
+            id.clone(),
+            config.clone(),
+            redis.clone(),
+        );
         tokio::spawn(async move {
             let period = Duration::from_millis(config.cluster.heartbeat_ms);
             while !stop.is_cancelled() {
@@ -166,8 +174,10 @@ async fn serve_gateway(
                     _ = stop.cancelled() => break,
                 }
                 let info = gateway_info(&config, &id, addr, app.delivery.hub().connections());
-                if let Err(e) = heartbeat(&http, &registry, &secret, &info, config.cluster.gateway_ttl_ms).await {
-                    tracing::warn!(error = %e, "gateway heartbeat failed");
+                match heartbeat(&http, &registry, &secret, &info, config.cluster.gateway_ttl_ms).await {
+                    Ok(true) => rejoin(&app, &redis, &id).await,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "gateway heartbeat failed"),
                 }
             }
         })
@@ -197,13 +207,14 @@ async fn serve_gateway(
     result
 }
 
+/// Returns whether the registry took it as a new registration.
 async fn heartbeat(
     http: &reqwest::Client,
     registry: &str,
     secret: &str,
     info: &GatewayInfo,
     ttl_ms: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let resp = http
         .post(format!("{registry}/registry/gateway/heartbeat"))
         .header(INTERNAL_HEADER, secret)
@@ -212,7 +223,24 @@ async fn heartbeat(
         .send()
         .await?;
     anyhow::ensure!(resp.status().is_success(), "registry answered {}", resp.status());
-    Ok(())
+    let body: Envelope<HeartbeatResponse> = resp.json().await?;
+    Ok(body.data.is_some_and(|d| d.registered))
+}
+
+/// The registry lost this gateway (Redis restarted, or a long stall): put its
+/// users' routes back, and once route caches have expired have every session
+/// compare its cursors with the store, so nothing pushed meanwhile is missed.
+async fn rejoin(app: &App, redis: &RedisCluster, gateway: &str) {
+    let counts = app.delivery.hub().connection_counts();
+    if let Err(e) = redis.restore_routes(gateway, &counts).await {
+        tracing::warn!(error = %e, "cannot restore routes; next heartbeat retries");
+        return;
+    }
+    tracing::warn!(users = counts.len(), "registry had lost this gateway: routes restored");
+    tokio::time::sleep(Duration::from_millis(app.config.cluster.route_cache_ms * 2 + 200)).await;
+    for conn in app.delivery.hub().all_connections() {
+        conn.offer(stacker_domain::delivery::Push::Recheck, Duration::from_millis(100)).await;
+    }
 }
 
 async fn serve_flusher(
@@ -289,13 +317,19 @@ async fn gateway_heartbeat(
     State(s): State<Shared>,
     _: Internal,
     crate::http::Body(req): crate::http::Body<HeartbeatRequest>,
-) -> Result<Json<Envelope<()>>, ApiError> {
+) -> Result<Json<Envelope<HeartbeatResponse>>, ApiError> {
     if req.gateway.id.is_empty() || req.gateway.id.contains(':') || req.gateway.id.len() > 64 {
         return Err(ApiError(Error::bad_request("gateway.id must be 1 to 64 characters without ':'")));
     }
     let ttl = Duration::from_millis(req.ttl_ms.unwrap_or(s.config.cluster.gateway_ttl_ms).clamp(100, 600_000));
-    s.redis.heartbeat_gateway(&req.gateway, ttl).await?;
-    Ok(Json(Envelope { code: 0, msg: "ok".into(), data: None }))
+    let registered = s.redis.heartbeat_gateway(&req.gateway, ttl).await?;
+    Ok(ok(HeartbeatResponse { registered }))
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// True when the registry had no live record of this gateway.
+    pub registered: bool,
 }
 
 #[derive(Deserialize)]

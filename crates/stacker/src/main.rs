@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+
+mod local_cluster;
 use stacker_server::cluster::{run_role, Role as ClusterRole};
 use stacker_server::{App, Config};
 
@@ -32,6 +34,17 @@ enum Role {
     Gateway,
     /// Distributed: reclaims the streams of dead gateways (ops routes on 8085).
     Flusher,
+    /// Starts a whole cluster on this machine (registry, meta, send ×2, gateway ×2,
+    /// flusher) as child processes; needs MariaDB/PostgreSQL and Redis.
+    Cluster {
+        #[arg(long, default_value_t = 2)]
+        send: usize,
+        #[arg(long, default_value_t = 2)]
+        gateways: usize,
+        /// send = base+1 (+10 each), meta = base+2, registry = base+3, gateways = base+4 (+10 each), flusher = base+5.
+        #[arg(long, default_value_t = 8080)]
+        base_port: u16,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +57,7 @@ fn main() -> ExitCode {
         Role::Registry => Some(ClusterRole::Registry),
         Role::Gateway => Some(ClusterRole::Gateway),
         Role::Flusher => Some(ClusterRole::Flusher),
+        Role::Cluster { .. } => None,
     };
     // Each role listens on its own default port unless configured otherwise.
     let mut defaults = Config::default();
@@ -70,9 +84,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cluster_role {
-        None => runtime.block_on(standalone(config, cli.config)),
-        Some(role) => runtime.block_on(distributed(role, config)),
+    let result = match (role, cluster_role) {
+        (Role::Cluster { send, gateways, base_port }, _) => {
+            let layout = local_cluster::Layout { send, gateways, base_port };
+            runtime.block_on(local_cluster::run(config, layout, shutdown_signal()))
+        }
+        (_, None) => runtime.block_on(standalone(config, cli.config)),
+        (_, Some(role)) => runtime.block_on(distributed(role, config)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -181,6 +181,26 @@ impl Hub {
         }
     }
 
+    /// Every connection (a snapshot).
+    pub fn all_connections(&self) -> Vec<ConnHandle> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                s.read().unwrap_or_else(|e| e.into_inner()).values().flat_map(|l| l.to_vec()).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Open connections per user.
+    pub fn connection_counts(&self) -> Vec<(UserId, usize)> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                s.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(u, l)| (*u, l.len())).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Asks every connection to close (each gets the close after what it has queued).
     pub async fn close_all(&self, code: u16, reason: &str) {
         let all: Vec<ConnHandle> = self
