@@ -63,6 +63,12 @@ pub trait Registry: Send + Sync {
     /// Sets `gateway`'s connection counts for these users (after the registry lost them).
     async fn restore_routes(&self, gateway: &str, users: &[(UserId, usize)]) -> Result<()>;
 
+    /// Registers or refreshes a service instance (`kind` "send" or "meta") at `url`.
+    async fn heartbeat_instance(&self, kind: &str, id: &str, url: &str, ttl: Duration) -> Result<()>;
+    async fn deregister_instance(&self, kind: &str, id: &str) -> Result<()>;
+    /// Live instances of `kind` as (id, url), sorted by id.
+    async fn live_instances(&self, kind: &str) -> Result<Vec<(String, String)>>;
+
     /// Leases a snowflake node id (0–1023) distinct from every other live
     /// instance's; the holder renews it with the same call before `ttl` ends.
     async fn lease_node_id(&self, instance: &str, ttl: Duration) -> Result<u16>;

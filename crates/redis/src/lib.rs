@@ -9,6 +9,7 @@
 //! | `{p}:route:{user}` | hash, no ttl | gateway id → open connections of the user there |
 //! | `{p}:lease:{user}` | hash, PX lease | gateway id → Unix ms until which a reconnect returns there |
 //! | `{p}:node:{n}` | string, PX ttl | the instance holding snowflake node id `n` |
+//! | `{p}:svc:{kind}:{id}` | string, PX ttl | a live send/meta instance's URL |
 //! | `{p}:stream:{gateway}` | stream, MAXLEN ~ | [`BusEntry`] JSON in field `e`; consumer group `gateway` |
 //!
 //! Routes of connected users carry no TTL, so they never expire under a
@@ -274,6 +275,29 @@ impl Registry for RedisCluster {
         }
         let mut conn = self.conn.clone();
         observe("restore_routes", pipe.query_async::<()>(&mut conn)).await
+    }
+
+    async fn heartbeat_instance(&self, kind: &str, id: &str, url: &str, ttl: Duration) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let key = self.key(format!("svc:{kind}:{id}"));
+        observe("heartbeat_instance", conn.pset_ex::<_, _, ()>(key, url, ttl.as_millis().max(1) as u64)).await
+    }
+
+    async fn deregister_instance(&self, kind: &str, id: &str) -> Result<()> {
+        let mut conn = self.conn.clone();
+        observe("deregister_instance", conn.del::<_, ()>(self.key(format!("svc:{kind}:{id}")))).await
+    }
+
+    async fn live_instances(&self, kind: &str) -> Result<Vec<(String, String)>> {
+        let prefix = self.key(format!("svc:{kind}:"));
+        let mut keys = self.scan(&format!("{prefix}*")).await?;
+        keys.sort();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let urls: Vec<Option<String>> = observe("live_instances", conn.mget(&keys)).await?;
+        Ok(keys.into_iter().zip(urls).filter_map(|(k, url)| url.map(|u| (k[prefix.len()..].to_string(), u))).collect())
     }
 
     async fn lease_node_id(&self, instance: &str, ttl: Duration) -> Result<u16> {

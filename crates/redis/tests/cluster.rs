@@ -50,6 +50,17 @@ async fn ranking_capacity_and_dead_gateways() {
     assert!(!ids.contains("short"), "{ids:?}");
     assert_eq!(c.pick_gateway(None).await.unwrap().unwrap().id, "a");
 
+    // Send and meta instances.
+    c.heartbeat_instance("send", "s1", "http://127.0.0.1:1", TTL).await.unwrap();
+    c.heartbeat_instance("send", "s2", "http://127.0.0.1:2", Duration::from_millis(150)).await.unwrap();
+    c.heartbeat_instance("meta", "m1", "http://127.0.0.1:3", TTL).await.unwrap();
+    assert_eq!(c.live_instances("send").await.unwrap().len(), 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(c.live_instances("send").await.unwrap(), [("s1".to_string(), "http://127.0.0.1:1".to_string())]);
+    c.deregister_instance("send", "s1").await.unwrap();
+    assert!(c.live_instances("send").await.unwrap().is_empty());
+    assert_eq!(c.live_instances("meta").await.unwrap().len(), 1);
+
     c.deregister_gateway("a").await.unwrap();
     assert!(c.pick_gateway(None).await.unwrap().is_none(), "only full gateways left");
     c.delete_all_keys().await.unwrap();

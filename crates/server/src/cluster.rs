@@ -81,42 +81,72 @@ pub async fn run_role(
     match role {
         Role::Registry => serve_registry(listener, redis, config, shutdown).await,
         Role::Meta => {
-            serve_app(
-                config,
-                redis,
-                format!("meta-{}", addr.port()),
-                listener,
-                Parts { meta: true, send: false, ws: false },
-                shutdown,
-            )
-            .await
+            let parts = Parts { meta: true, send: false, ws: false };
+            serve_app(role, config, redis, addr, listener, parts, shutdown).await
         }
         Role::Send => {
-            serve_app(
-                config,
-                redis,
-                format!("send-{}", addr.port()),
-                listener,
-                Parts { meta: false, send: true, ws: false },
-                shutdown,
-            )
-            .await
+            let parts = Parts { meta: false, send: true, ws: false };
+            serve_app(role, config, redis, addr, listener, parts, shutdown).await
         }
         Role::Gateway => serve_gateway(config, redis, listener, addr, shutdown).await,
         Role::Flusher => serve_flusher(config, redis, listener, shutdown).await,
     }
 }
 
+/// A meta or send instance: serves its part of the API and heartbeats to the
+/// registry so it appears in `/registry/instances?kind=`.
 async fn serve_app(
+    role: Role,
     config: Config,
     redis: RedisCluster,
-    instance: String,
+    addr: SocketAddr,
     listener: TcpListener,
     parts: Parts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let app = Arc::new(App::build_distributed(config, redis, instance).await?);
-    crate::run_parts(listener, app, parts, shutdown).await
+    let kind = role.name();
+    let id = format!("{kind}-{}", addr.port());
+    let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+    let url = format!("http://{host}:{}", addr.port());
+    let app = Arc::new(App::build_distributed(config.clone(), redis, id.clone()).await?);
+    let http = reqwest::Client::new();
+    let registry = config.cluster.registry_url.trim_end_matches('/').to_string();
+    let secret = config.cluster.internal_secret.clone();
+    let body = json!({ "kind": kind, "id": id, "url": url, "ttl_ms": config.cluster.gateway_ttl_ms });
+    let stop = CancellationToken::new();
+    let beat = {
+        let (stop, http, registry, secret, body) =
+            (stop.clone(), http.clone(), registry.clone(), secret.clone(), body.clone());
+        let period = Duration::from_millis(config.cluster.heartbeat_ms);
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let sent = http
+                    .post(format!("{registry}/registry/instance/heartbeat"))
+                    .header(INTERNAL_HEADER, &secret)
+                    .json(&body)
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+                if let Err(e) = sent.and_then(|r| r.error_for_status()) {
+                    tracing::warn!(error = %e, "instance heartbeat failed");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+        })
+    };
+    let result = crate::run_parts(listener, app, parts, shutdown).await;
+    stop.cancel();
+    let _ = beat.await;
+    let _ = http
+        .post(format!("{registry}/registry/instance/deregister"))
+        .header(INTERNAL_HEADER, &secret)
+        .json(&json!({ "kind": kind, "id": id }))
+        .send()
+        .await;
+    result
 }
 
 fn gateway_info(config: &Config, id: &str, addr: SocketAddr, connections: usize) -> GatewayInfo {
@@ -168,6 +198,7 @@ async fn serve_gateway(
         );
         tokio::spawn(async move {
             let period = Duration::from_millis(config.cluster.heartbeat_ms);
+            let mut rejoin_pending = false;
             while !stop.is_cancelled() {
                 tokio::select! {
                     _ = tokio::time::sleep(period) => {}
@@ -175,9 +206,11 @@ async fn serve_gateway(
                 }
                 let info = gateway_info(&config, &id, addr, app.delivery.hub().connections());
                 match heartbeat(&http, &registry, &secret, &info, config.cluster.gateway_ttl_ms).await {
-                    Ok(true) => rejoin(&app, &redis, &id).await,
-                    Ok(false) => {}
+                    Ok(registered) => rejoin_pending |= registered,
                     Err(e) => tracing::warn!(error = %e, "gateway heartbeat failed"),
+                }
+                if rejoin_pending {
+                    rejoin_pending = !rejoin(&app, &redis, &id).await;
                 }
             }
         })
@@ -230,17 +263,23 @@ async fn heartbeat(
 /// The registry lost this gateway (Redis restarted, or a long stall): put its
 /// users' routes back, and once route caches have expired have every session
 /// compare its cursors with the store, so nothing pushed meanwhile is missed.
-async fn rejoin(app: &App, redis: &RedisCluster, gateway: &str) {
+/// False when the routes could not be restored (the caller retries).
+async fn rejoin(app: &Arc<App>, redis: &RedisCluster, gateway: &str) -> bool {
     let counts = app.delivery.hub().connection_counts();
     if let Err(e) = redis.restore_routes(gateway, &counts).await {
-        tracing::warn!(error = %e, "cannot restore routes; next heartbeat retries");
-        return;
+        tracing::warn!(error = %e, "cannot restore routes yet; retrying with the next heartbeat");
+        return false;
     }
     tracing::warn!(users = counts.len(), "registry had lost this gateway: routes restored");
-    tokio::time::sleep(Duration::from_millis(app.config.cluster.route_cache_ms * 2 + 200)).await;
-    for conn in app.delivery.hub().all_connections() {
-        conn.offer(stacker_domain::delivery::Push::Recheck, Duration::from_millis(100)).await;
-    }
+    // Off the heartbeat loop: it must keep beating meanwhile.
+    let (app, wait) = (app.clone(), Duration::from_millis(app.config.cluster.route_cache_ms * 2 + 200));
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        for conn in app.delivery.hub().all_connections() {
+            conn.offer(stacker_domain::delivery::Push::Recheck, Duration::from_millis(100)).await;
+        }
+    });
+    true
 }
 
 async fn serve_flusher(
@@ -392,6 +431,67 @@ async fn routes(
     Ok(ok(json!({ "routes": routes })))
 }
 
+#[derive(Deserialize)]
+struct InstanceHeartbeat {
+    kind: String,
+    id: String,
+    url: String,
+    ttl_ms: Option<u64>,
+}
+
+fn check_kind(kind: &str) -> Result<(), ApiError> {
+    match kind {
+        "send" | "meta" => Ok(()),
+        _ => Err(ApiError(Error::bad_request("kind must be send or meta"))),
+    }
+}
+
+async fn instance_heartbeat(
+    State(s): State<Shared>,
+    _: Internal,
+    crate::http::Body(req): crate::http::Body<InstanceHeartbeat>,
+) -> Result<Json<Envelope<()>>, ApiError> {
+    check_kind(&req.kind)?;
+    if req.id.is_empty() || req.id.len() > 64 || req.id.contains(':') || req.url.is_empty() || req.url.len() > 512 {
+        return Err(ApiError(Error::bad_request("id must be 1 to 64 characters without ':' and url 1 to 512")));
+    }
+    let ttl = Duration::from_millis(req.ttl_ms.unwrap_or(s.config.cluster.gateway_ttl_ms).clamp(100, 600_000));
+    s.redis.heartbeat_instance(&req.kind, &req.id, &req.url, ttl).await?;
+    Ok(Json(Envelope { code: 0, msg: "ok".into(), data: None }))
+}
+
+#[derive(Deserialize)]
+struct InstanceId {
+    kind: String,
+    id: String,
+}
+
+async fn instance_deregister(
+    State(s): State<Shared>,
+    _: Internal,
+    crate::http::Body(req): crate::http::Body<InstanceId>,
+) -> Result<Json<Envelope<()>>, ApiError> {
+    check_kind(&req.kind)?;
+    s.redis.deregister_instance(&req.kind, &req.id).await?;
+    Ok(Json(Envelope { code: 0, msg: "ok".into(), data: None }))
+}
+
+#[derive(Deserialize)]
+struct KindQuery {
+    kind: String,
+}
+
+async fn instances(
+    State(s): State<Shared>,
+    _: Internal,
+    crate::http::Params(q): crate::http::Params<KindQuery>,
+) -> Result<Json<Envelope<Value>>, ApiError> {
+    check_kind(&q.kind)?;
+    let list: Vec<Value> =
+        s.redis.live_instances(&q.kind).await?.into_iter().map(|(id, url)| json!({ "id": id, "url": url })).collect();
+    Ok(ok(json!({ "instances": list })))
+}
+
 async fn registry_ready(State(s): State<Shared>) -> Result<Json<Envelope<Value>>, ApiError> {
     s.redis.ping().await?;
     Ok(ok(json!({ "status": "ready", "redis": "ok", "dependencies": monitor::snapshot() })))
@@ -421,6 +521,9 @@ async fn serve_registry(
         .route("/registry/gateway/available", get(gateway_available))
         .route("/registry/gateways", get(gateways))
         .route("/registry/routes", post(routes))
+        .route("/registry/instance/heartbeat", post(instance_heartbeat))
+        .route("/registry/instance/deregister", post(instance_deregister))
+        .route("/registry/instances", get(instances))
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn(crate::telemetry::track_http))
         .with_state(state);

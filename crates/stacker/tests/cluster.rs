@@ -257,6 +257,61 @@ async fn end_to_end(kind: DbKind) {
     let mut late = offline.connect_gateway(&ws_url, "d").await.unwrap();
     assert!(in_order(&collect(&mut late, room, 40).await, 1));
 
+    // A stale route still delivers: prime a send instance's route cache, move
+    // the user to the other gateway, and send at once.
+    let mover = &users[4];
+    let via = mover.clone().rebase(&c.url(send[1]));
+    let old_gateway = sockets[4].hello.gateway_id.clone();
+    let note = users[0].clone().rebase(&c.url(send[1]));
+    let primed = note.send_text(room, "prime the route cache").await.unwrap().seq;
+    let gateways_list: Value = http
+        .get(format!("{}/registry/gateways", c.registry))
+        .header("x-stacker-internal", SECRET)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let other = gateways_list["data"]["gateways"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] != old_gateway.as_str())
+        .expect("another gateway")
+        .clone();
+    let moved_at = Instant::now();
+    let mut moved = mover.connect_gateway(other["ws_url"].as_str().unwrap(), "d2").await.unwrap();
+    sockets[4] = mover.connect_gateway(other["ws_url"].as_str().unwrap(), "d").await.unwrap();
+    let stale = via.send_text(room, "after the move").await.unwrap().seq;
+    let stale_cache_used = moved_at.elapsed() < Duration::from_millis(900);
+    let got = collect_through(&mut moved, room, primed, stale).await;
+    assert!(got.contains(&stale));
+    if stale_cache_used {
+        let old = c.procs.iter().find(|p| format!("gw-{}", p.port) == old_gateway).expect("old gateway");
+        let metrics = reqwest::get(format!("{}/metrics", old.url())).await.unwrap().text().await.unwrap();
+        assert!(
+            metrics.lines().any(|l| l.starts_with("stacker_pushbacks_total") && !l.ends_with(" 0")),
+            "the old gateway should have pushed the entry on"
+        );
+    }
+    let base_seq = stale;
+
+    // Send instances are registered; a dead one leaves the list.
+    let live_sends = |http: reqwest::Client, registry: String| async move {
+        let v: Value = http
+            .get(format!("{registry}/registry/instances?kind=send"))
+            .header("x-stacker-internal", SECRET)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["data"]["instances"].as_array().map(Vec::len).unwrap_or(0)
+    };
+    assert_eq!(live_sends(http.clone(), c.registry.clone()).await, 2);
+
     // A send instance dies: a client retries through the other with the same
     // client_msg_id, and nothing is stored twice.
     c.procs[send[0]].kill();
@@ -267,7 +322,12 @@ async fn end_to_end(kind: DbKind) {
     let again =
         users[3].clone().rebase(&c.url(send[1])).send(room, Content::text("retry me"), Some("once")).await.unwrap();
     assert_eq!((first.msg_id, first.seq), (again.msg_id, again.seq));
-    assert_eq!(first.seq, 41);
+    assert_eq!(first.seq, base_seq + 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while live_sends(http.clone(), c.registry.clone()).await != 1 {
+        assert!(Instant::now() < deadline, "the dead send instance stayed registered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A gateway dies (kill -9) in the middle of a stream: its clients reconnect
     // through the registry to the other gateway and end with every message once.
@@ -283,7 +343,8 @@ async fn end_to_end(kind: DbKind) {
     tokio::time::sleep(Duration::from_millis(150)).await;
     c.procs[victim].kill();
     stream.await.unwrap();
-    let last_seq = 41 + 60;
+    let last_seq = base_seq + 1 + 60;
+    let before = base_seq + 1;
     for (i, user) in users.iter().enumerate() {
         let mut seen: Vec<i64> = Vec::new();
         // What arrived before the failure (the live socket may have died).
@@ -296,8 +357,8 @@ async fn end_to_end(kind: DbKind) {
                 _ => {}
             }
         }
-        seen.retain(|s| *s > 40);
-        let have = seen.iter().copied().filter(|s| *s <= last_seq).max().unwrap_or(40);
+        seen.retain(|s| *s > before);
+        let have = seen.iter().copied().filter(|s| *s <= last_seq).max().unwrap_or(before);
         if have < last_seq {
             // Reconnect where the registry says (a dead gateway leaves the ranking).
             let deadline = Instant::now() + Duration::from_secs(15);
@@ -314,10 +375,14 @@ async fn end_to_end(kind: DbKind) {
             socket.send_frame(&stacker_proto::ws::ClientFrame::Sync { cursors: [(room, have)].into() }).await.unwrap();
             seen.extend(collect_through(&mut socket, room, have, last_seq).await);
         }
-        let mut unique: Vec<i64> = seen.iter().copied().filter(|s| *s > 40).collect();
+        let mut unique: Vec<i64> = seen.iter().copied().filter(|s| *s > before).collect();
         unique.sort_unstable();
         unique.dedup();
-        assert_eq!(unique, (41..=last_seq).collect::<Vec<_>>(), "user {i}: every message once after dedupe, no gap");
+        assert_eq!(
+            unique,
+            (before + 1..=last_seq).collect::<Vec<_>>(),
+            "user {i}: every message once after dedupe, no gap"
+        );
     }
 
     drop(c);
