@@ -11,7 +11,7 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts as RequestParts;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::{middleware, Json, Router};
+use axum::{middleware, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use stacker_domain::cluster::{GatewayInfo, Registry};
@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{error_response, ApiError};
-use crate::http::Parts;
+use crate::http::{done, ok, ApiResult, Parts};
 use crate::{App, Config};
 
 /// The header internal callers put the shared secret in.
@@ -341,10 +341,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn ok<T: Serialize>(data: T) -> Json<Envelope<T>> {
-    Json(Envelope { code: 0, msg: "ok".into(), data: Some(data) })
-}
-
 #[derive(Serialize, Deserialize)]
 pub struct HeartbeatRequest {
     pub gateway: GatewayInfo,
@@ -356,13 +352,13 @@ async fn gateway_heartbeat(
     State(s): State<Shared>,
     _: Internal,
     crate::http::Body(req): crate::http::Body<HeartbeatRequest>,
-) -> Result<Json<Envelope<HeartbeatResponse>>, ApiError> {
+) -> ApiResult<HeartbeatResponse> {
     if req.gateway.id.is_empty() || req.gateway.id.contains(':') || req.gateway.id.len() > 64 {
         return Err(ApiError(Error::bad_request("gateway.id must be 1 to 64 characters without ':'")));
     }
     let ttl = Duration::from_millis(req.ttl_ms.unwrap_or(s.config.cluster.gateway_ttl_ms).clamp(100, 600_000));
     let registered = s.redis.heartbeat_gateway(&req.gateway, ttl).await?;
-    Ok(ok(HeartbeatResponse { registered }))
+    ok(HeartbeatResponse { registered })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -380,9 +376,9 @@ async fn gateway_deregister(
     State(s): State<Shared>,
     _: Internal,
     crate::http::Body(req): crate::http::Body<IdRequest>,
-) -> Result<Json<Envelope<()>>, ApiError> {
+) -> ApiResult<()> {
     s.redis.deregister_gateway(&req.id).await?;
-    Ok(Json(Envelope { code: 0, msg: "ok".into(), data: None }))
+    done()
 }
 
 #[derive(Deserialize)]
@@ -400,15 +396,15 @@ pub struct AvailableResponse {
 async fn gateway_available(
     State(s): State<Shared>,
     crate::http::Params(q): crate::http::Params<AvailableQuery>,
-) -> Result<Json<Envelope<AvailableResponse>>, ApiError> {
+) -> ApiResult<AvailableResponse> {
     match s.redis.pick_gateway(q.user_id.map(|id| id.0)).await? {
-        Some(gw) => Ok(ok(AvailableResponse { gateway_id: gw.id, ws_url: gw.ws_url })),
+        Some(gw) => ok(AvailableResponse { gateway_id: gw.id, ws_url: gw.ws_url }),
         None => Err(ApiError(Error::Unavailable("no gateway with free capacity is alive".into()))),
     }
 }
 
-async fn gateways(State(s): State<Shared>, _: Internal) -> Result<Json<Envelope<Value>>, ApiError> {
-    Ok(ok(json!({ "gateways": s.redis.live_gateways().await? })))
+async fn gateways(State(s): State<Shared>, _: Internal) -> ApiResult<Value> {
+    ok(json!({ "gateways": s.redis.live_gateways().await? }))
 }
 
 #[derive(Deserialize)]
@@ -420,7 +416,7 @@ async fn routes(
     State(s): State<Shared>,
     _: Internal,
     crate::http::Body(req): crate::http::Body<RoutesRequest>,
-) -> Result<Json<Envelope<Value>>, ApiError> {
+) -> ApiResult<Value> {
     if req.user_ids.len() > 10_000 {
         return Err(ApiError(Error::bad_request("at most 10000 user_ids per call")));
     }
@@ -428,7 +424,7 @@ async fn routes(
     let found = s.redis.routes(&ids).await?;
     let routes: serde_json::Map<String, Value> =
         found.into_iter().map(|(u, gws)| (u.to_string(), json!(gws))).collect();
-    Ok(ok(json!({ "routes": routes })))
+    ok(json!({ "routes": routes }))
 }
 
 #[derive(Deserialize)]
@@ -450,14 +446,14 @@ async fn instance_heartbeat(
     State(s): State<Shared>,
     _: Internal,
     crate::http::Body(req): crate::http::Body<InstanceHeartbeat>,
-) -> Result<Json<Envelope<()>>, ApiError> {
+) -> ApiResult<()> {
     check_kind(&req.kind)?;
     if req.id.is_empty() || req.id.len() > 64 || req.id.contains(':') || req.url.is_empty() || req.url.len() > 512 {
         return Err(ApiError(Error::bad_request("id must be 1 to 64 characters without ':' and url 1 to 512")));
     }
     let ttl = Duration::from_millis(req.ttl_ms.unwrap_or(s.config.cluster.gateway_ttl_ms).clamp(100, 600_000));
     s.redis.heartbeat_instance(&req.kind, &req.id, &req.url, ttl).await?;
-    Ok(Json(Envelope { code: 0, msg: "ok".into(), data: None }))
+    done()
 }
 
 #[derive(Deserialize)]
@@ -470,10 +466,10 @@ async fn instance_deregister(
     State(s): State<Shared>,
     _: Internal,
     crate::http::Body(req): crate::http::Body<InstanceId>,
-) -> Result<Json<Envelope<()>>, ApiError> {
+) -> ApiResult<()> {
     check_kind(&req.kind)?;
     s.redis.deregister_instance(&req.kind, &req.id).await?;
-    Ok(Json(Envelope { code: 0, msg: "ok".into(), data: None }))
+    done()
 }
 
 #[derive(Deserialize)]
@@ -485,50 +481,26 @@ async fn instances(
     State(s): State<Shared>,
     _: Internal,
     crate::http::Params(q): crate::http::Params<KindQuery>,
-) -> Result<Json<Envelope<Value>>, ApiError> {
+) -> ApiResult<Value> {
     check_kind(&q.kind)?;
     let list: Vec<Value> =
         s.redis.live_instances(&q.kind).await?.into_iter().map(|(id, url)| json!({ "id": id, "url": url })).collect();
-    Ok(ok(json!({ "instances": list })))
+    ok(json!({ "instances": list }))
 }
 
-async fn registry_ready(State(s): State<Shared>) -> Result<Json<Envelope<Value>>, ApiError> {
+async fn registry_ready(State(s): State<Shared>) -> ApiResult<Value> {
     s.redis.ping().await?;
-    Ok(ok(json!({ "status": "ready", "redis": "ok", "dependencies": monitor::snapshot() })))
+    ok(json!({ "status": "ready", "redis": "ok", "dependencies": monitor::snapshot() }))
 }
 
-fn ops_router(state: Shared) -> Router<Shared> {
-    let _ = state;
-    Router::new()
-        .route("/ping", get(|| async { ok("pong") }))
-        .route("/healthz", get(|| async { ok(json!({ "status": "alive" })) }))
-        .route("/readyz", get(registry_ready))
-        .route("/metrics", get(crate::http::metrics))
-}
-
+/// The registry's routes (or, for the flusher, only the ops routes) until `shutdown`.
 async fn serve_registry(
     listener: TcpListener,
     redis: RedisCluster,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    crate::telemetry::prometheus();
-    let state = Arc::new(RegistryState { redis, config });
-    let router = ops_router(state.clone())
-        .route("/registry/gateway/register", post(gateway_heartbeat))
-        .route("/registry/gateway/heartbeat", post(gateway_heartbeat))
-        .route("/registry/gateway/deregister", post(gateway_deregister))
-        .route("/registry/gateway/available", get(gateway_available))
-        .route("/registry/gateways", get(gateways))
-        .route("/registry/routes", post(routes))
-        .route("/registry/instance/heartbeat", post(instance_heartbeat))
-        .route("/registry/instance/deregister", post(instance_deregister))
-        .route("/registry/instances", get(instances))
-        .fallback(|| async { error_response(StatusCode::NOT_FOUND, "no such route".into()) })
-        .layer(middleware::from_fn(crate::telemetry::track_http))
-        .with_state(state);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
-    Ok(())
+    serve_registry_routes(listener, redis, config, true, shutdown).await
 }
 
 async fn serve_ops_only(
@@ -537,9 +509,39 @@ async fn serve_ops_only(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_registry_routes(listener, redis, config, false, shutdown).await
+}
+
+async fn serve_registry_routes(
+    listener: TcpListener,
+    redis: RedisCluster,
+    config: Config,
+    registry: bool,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     crate::telemetry::prometheus();
     let state = Arc::new(RegistryState { redis, config });
-    let router = ops_router(state.clone()).layer(middleware::from_fn(crate::telemetry::track_http)).with_state(state);
+    let mut router = Router::new()
+        .route("/ping", get(|| async { ok("pong") }))
+        .route("/healthz", get(|| async { ok(json!({ "status": "alive" })) }))
+        .route("/readyz", get(registry_ready))
+        .route("/metrics", get(crate::http::metrics));
+    if registry {
+        router = router
+            .route("/registry/gateway/register", post(gateway_heartbeat))
+            .route("/registry/gateway/heartbeat", post(gateway_heartbeat))
+            .route("/registry/gateway/deregister", post(gateway_deregister))
+            .route("/registry/gateway/available", get(gateway_available))
+            .route("/registry/gateways", get(gateways))
+            .route("/registry/routes", post(routes))
+            .route("/registry/instance/heartbeat", post(instance_heartbeat))
+            .route("/registry/instance/deregister", post(instance_deregister))
+            .route("/registry/instances", get(instances));
+    }
+    let router = router
+        .fallback(|| async { error_response(StatusCode::NOT_FOUND, "no such route".into()) })
+        .layer(middleware::from_fn(crate::telemetry::track_http))
+        .with_state(state);
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }

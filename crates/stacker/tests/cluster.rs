@@ -407,10 +407,12 @@ async fn cluster_on_postgres() {
 async fn the_cluster_command_runs_a_working_cluster() {
     let Some(redis) = service_url(Service::Redis) else { return };
     let Some(db) = fresh_database(DbKind::Postgres).await else { return };
-    // Free ports for the fixed layout (base+1 … base+15).
-    let base = (0..50)
-        .map(|_| free_port().saturating_sub(20))
-        .find(|b| *b > 1024 && (*b + 1..*b + 16).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()))
+    // Free ports for the fixed layout (base+1 … base+15), searched below the
+    // ephemeral range (32768+) so outgoing connections never take them meanwhile.
+    let start = 20_000 + (std::process::id() % 400) as u16 * 30;
+    let base = (0..400u16)
+        .map(|i| 20_000 + (start - 20_000 + i * 30) % 12_000)
+        .find(|b| (*b + 1..*b + 16).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()))
         .expect("a free port range");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stacker"));
     for (key, _) in std::env::vars() {

@@ -144,17 +144,22 @@ impl Delivery {
     }
 }
 
+/// The `ack` frame every device of a message's sender gets once it is stored.
+pub fn ack_frame(message: &Message) -> Frame {
+    Frame::encode(&ServerFrame::Ack {
+        id: message.id.into(),
+        room_id: message.room_id.into(),
+        seq: message.seq,
+        client_msg_id: message.client_msg_id.clone(),
+    })
+}
+
 #[async_trait]
 impl Fanout for Delivery {
     /// Acks go to every device of the sender; the push waits only for room in
     /// the dispatch queue.
     async fn message_stored(&self, message: &Message, push: bool) {
-        let ack = Frame::encode(&ServerFrame::Ack {
-            id: message.id.into(),
-            room_id: message.room_id.into(),
-            seq: message.seq,
-            client_msg_id: message.client_msg_id.clone(),
-        });
+        let ack = ack_frame(message);
         self.hub.push_to_user(message.sender_id, &Push::Frame(ack), self.config.enqueue_timeout).await;
         if push {
             self.dispatcher.dispatch_message(message).await;

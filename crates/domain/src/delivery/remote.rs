@@ -100,12 +100,7 @@ fn text(frame: &Frame) -> String {
 #[async_trait]
 impl Fanout for BusFanout {
     async fn message_stored(&self, message: &Message, push: bool) {
-        let ack = Frame::encode(&ServerFrame::Ack {
-            id: message.id.into(),
-            room_id: message.room_id.into(),
-            seq: message.seq,
-            client_msg_id: message.client_msg_id.clone(),
-        });
+        let ack = super::ack_frame(message);
         self.publish(&[message.sender_id], BusPush::Frame { frame: text(&ack) }).await;
         if !push {
             return;
