@@ -45,12 +45,7 @@ pub struct HistoryArgs {
 pub async fn run(args: &HistoryArgs) -> Result<Report> {
     let mut server = Server::stacker(&args.common.server).await?;
     let report = run_on(args, &mut server).await;
-    let stopped = server.stop().await;
-    let mut report = report?;
-    if let Err(e) = stopped {
-        report.fail(format!("{e:#}"));
-    }
-    Ok(report)
+    Report::after_stop(report, server.stop().await)
 }
 
 pub async fn run_on(args: &HistoryArgs, server: &mut Server) -> Result<Report> {

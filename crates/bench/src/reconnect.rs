@@ -60,12 +60,7 @@ struct ClientSpec {
 pub async fn run(args: &ReconnectArgs) -> Result<Report> {
     let mut server = Server::stacker(&args.common.server).await?;
     let report = run_on(args, &mut server).await;
-    let stopped = server.stop().await;
-    let mut report = report?;
-    if let Err(e) = stopped {
-        report.fail(format!("{e:#}"));
-    }
-    Ok(report)
+    Report::after_stop(report, server.stop().await)
 }
 
 pub async fn run_on(args: &ReconnectArgs, server: &mut Server) -> Result<Report> {

@@ -146,6 +146,15 @@ impl Report {
         self.rows.push((label.into(), text.into()));
     }
 
+    /// A scenario's result after its server was stopped: a failed stop fails the report.
+    pub fn after_stop(report: anyhow::Result<Report>, stopped: anyhow::Result<()>) -> anyhow::Result<Report> {
+        let mut report = report?;
+        if let Err(e) = stopped {
+            report.fail(format!("{e:#}"));
+        }
+        Ok(report)
+    }
+
     pub fn fail(&mut self, msg: impl Into<String>) {
         self.failures.push(msg.into());
     }

@@ -161,12 +161,7 @@ pub async fn traffic_scenario(shape: Shape, t: &TrafficArgs, common: &Common) ->
             Kind::Baseline => Server::baseline(t.baseline_url.as_deref()).await?,
         };
         let report = run_shape(shape, &load, common, &mut server).await;
-        let stopped = server.stop().await;
-        let mut report = report?;
-        if let Err(e) = stopped {
-            report.fail(format!("{e:#}"));
-        }
-        reports.push(report);
+        reports.push(Report::after_stop(report, server.stop().await)?);
     }
     Ok(reports)
 }

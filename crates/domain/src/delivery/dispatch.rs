@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use super::members::{MemberCache, MemberList};
 use super::{DeliveryConfig, Frame, Hub, Push};
@@ -28,19 +27,17 @@ pub struct Dispatcher {
     queues: Vec<mpsc::Sender<Job>>,
     members: Arc<MemberCache>,
     batch_size: usize,
-    workers: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Dispatcher {
     pub fn start(hub: Arc<Hub>, members: Arc<MemberCache>, config: &DeliveryConfig) -> Self {
         let mut queues = Vec::new();
-        let mut workers = Vec::new();
         for _ in 0..config.workers.max(1) {
             let (tx, rx) = mpsc::channel(config.worker_queue.max(1));
             queues.push(tx);
-            workers.push(tokio::spawn(worker(rx, hub.clone(), config.enqueue_timeout)));
+            tokio::spawn(worker(rx, hub.clone(), config.enqueue_timeout));
         }
-        Self { queues, members, batch_size: config.batch_size.max(1), workers: tokio::sync::Mutex::new(workers) }
+        Self { queues, members, batch_size: config.batch_size.max(1) }
     }
 
     /// Encodes the message once and queues its fan-out. Waits while the
@@ -76,16 +73,13 @@ impl Dispatcher {
         }
     }
 
-    /// Stops taking work and waits for the queued fan-outs.
+    /// Waits until the queued fan-outs have been taken by the workers.
     pub async fn shutdown(&self) {
-        // Workers end when their queues close; closing needs the senders gone,
-        // which only happens on drop, so wait for the queues to drain instead.
         for q in &self.queues {
             while q.capacity() < q.max_capacity() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
-        self.workers.lock().await.clear();
     }
 }
 
@@ -93,15 +87,10 @@ async fn worker(mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>, enqueue_timeout: Dur
     while let Some(job) = rx.recv().await {
         metrics::histogram!("stacker_dispatch_queue_seconds").record(job.queued_at.elapsed().as_secs_f64());
         let started = Instant::now();
+        let push = Push::Message { room: job.room, seq: job.seq, frame: job.frame.clone() };
         let mut delivered = 0u64;
         for user in &job.members[job.range.clone()] {
-            if let Some(conns) = hub.user_connections(*user) {
-                for conn in conns.iter() {
-                    let push = Push::Message { room: job.room, seq: job.seq, frame: job.frame.clone() };
-                    conn.offer(push, enqueue_timeout).await;
-                    delivered += 1;
-                }
-            }
+            delivered += hub.push_to_user(*user, &push, enqueue_timeout).await as u64;
         }
         metrics::counter!("stacker_pushes_total").increment(delivered);
         metrics::histogram!("stacker_enqueue_seconds").record(started.elapsed().as_secs_f64());

@@ -173,12 +173,14 @@ impl Hub {
         self.user_connections(user).is_some()
     }
 
-    pub async fn push_to_user(&self, user: UserId, push: &Push, timeout: Duration) {
-        if let Some(conns) = self.user_connections(user) {
-            for conn in conns.iter() {
-                conn.offer(push.clone(), timeout).await;
-            }
+    /// Offers `push` to every connection of `user`; returns how many it reached
+    /// (0: the user is not connected here).
+    pub async fn push_to_user(&self, user: UserId, push: &Push, timeout: Duration) -> usize {
+        let Some(conns) = self.user_connections(user) else { return 0 };
+        for conn in conns.iter() {
+            conn.offer(push.clone(), timeout).await;
         }
+        conns.len()
     }
 
     /// Every connection (a snapshot).

@@ -145,13 +145,8 @@ async fn hand_off(hub: &Hub, entry: &BusEntry, enqueue_timeout: Duration) -> Vec
     let push = to_push(&entry.push);
     let mut absent = Vec::new();
     for user in &entry.users {
-        match hub.user_connections(*user) {
-            Some(conns) => {
-                for conn in conns.iter() {
-                    conn.offer(push.clone(), enqueue_timeout).await;
-                }
-            }
-            None => absent.push(*user),
+        if hub.push_to_user(*user, &push, enqueue_timeout).await == 0 {
+            absent.push(*user);
         }
     }
     absent

@@ -101,7 +101,7 @@ impl Session {
                 // Marked before the await below, so a cancelled call loses nothing.
                 metrics::counter!("stacker_catch_ups_total", "why" => "overflow").increment(1);
                 self.catch_up.extend(self.cursors.keys().copied());
-                self.refresh_rooms().await.map_err(store_close)?;
+                self.recheck().await.map_err(store_close)?;
             }
             // Live pushes first when they are waiting, so catch-up of one room never
             // starves the others; each push is checked against the cursors anyway.
@@ -176,14 +176,7 @@ impl Session {
                 }
                 metrics::counter!("stacker_catch_ups_total", "why" => "sync").increment(1);
             }
-            Push::Recheck => {
-                for room in self.store.member_cursors(self.handle.user_id).await.map_err(store_close)? {
-                    let cursor = *self.cursors.entry(room.room_id).or_insert(room.delivered_seq);
-                    if cursor < room.last_seq {
-                        self.catch_up.insert(room.room_id);
-                    }
-                }
-            }
+            Push::Recheck => self.recheck().await.map_err(store_close)?,
             Push::Left(room) => {
                 self.cursors.remove(&room);
                 self.catch_up.remove(&room);
@@ -228,11 +221,12 @@ impl Session {
         Ok(())
     }
 
-    /// Picks up rooms joined since the session opened (after an overflow).
-    async fn refresh_rooms(&mut self) -> Result<()> {
+    /// Compares every room's cursor with the store: picks up rooms joined since
+    /// the session opened and marks for catch-up every room that is behind.
+    async fn recheck(&mut self) -> Result<()> {
         for room in self.store.member_cursors(self.handle.user_id).await? {
-            if let std::collections::hash_map::Entry::Vacant(e) = self.cursors.entry(room.room_id) {
-                e.insert(room.delivered_seq);
+            let cursor = *self.cursors.entry(room.room_id).or_insert(room.delivered_seq);
+            if cursor < room.last_seq {
                 self.catch_up.insert(room.room_id);
             }
         }
