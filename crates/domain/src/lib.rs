@@ -13,6 +13,7 @@ pub mod delivery;
 mod error;
 pub mod fanout;
 pub mod ids;
+pub mod membership;
 pub mod messages;
 pub mod model;
 pub mod monitor;

@@ -11,6 +11,7 @@ use stacker_proto::ws::{Event, EventKind};
 use crate::clock::now_ms;
 use crate::fanout::Fanout;
 use crate::ids::IdGenerator;
+use crate::membership::{MemberBrief, MemberCache};
 use crate::model::*;
 use crate::store::Store;
 use crate::{validate, Error, Result};
@@ -23,6 +24,8 @@ pub struct Rooms {
     store: Arc<dyn Store>,
     ids: Arc<IdGenerator>,
     fanout: Arc<dyn Fanout>,
+    /// Invalidated here after every membership write (the store first).
+    members: Arc<MemberCache>,
 }
 
 pub struct NewRoom<'a> {
@@ -37,8 +40,17 @@ fn direct_key(a: UserId, b: UserId) -> String {
 }
 
 impl Rooms {
-    pub fn new(store: Arc<dyn Store>, ids: Arc<IdGenerator>, fanout: Arc<dyn Fanout>) -> Self {
-        Self { store, ids, fanout }
+    pub fn new(
+        store: Arc<dyn Store>,
+        ids: Arc<IdGenerator>,
+        fanout: Arc<dyn Fanout>,
+        members: Arc<MemberCache>,
+    ) -> Self {
+        Self { store, ids, fanout, members }
+    }
+
+    pub fn member_cache(&self) -> &Arc<MemberCache> {
+        &self.members
     }
 
     fn event(
@@ -61,6 +73,7 @@ impl Rooms {
         if added.is_empty() {
             return Ok(());
         }
+        self.members.invalidate(room).await;
         self.fanout.membership_changed(room, None).await;
         let everyone = self.member_ids(room).await?;
         let others: Vec<UserId> = everyone.iter().copied().filter(|u| !added.contains(u)).collect();
@@ -77,6 +90,7 @@ impl Rooms {
 
     /// After a user left or was removed.
     async fn announce_left(&self, room: RoomId, user: UserId, actor: Option<UserId>) -> Result<()> {
+        self.members.invalidate(room).await;
         self.fanout.membership_changed(room, Some(user)).await;
         self.fanout.notify(&[user], Self::event(EventKind::RoomLeft, room, Some(user), actor, json!(null))).await;
         let rest = self.member_ids(room).await?;
@@ -110,7 +124,21 @@ impl Rooms {
         Ok(room)
     }
 
-    /// The actor's membership, or 403.
+    /// May `user` post in `room` now: 404 without the room, 403 for a non-member
+    /// or a muted member. Served from the member cache (the send hot path).
+    pub async fn require_sender(&self, room_id: RoomId, user: UserId) -> Result<MemberBrief> {
+        let me = self
+            .members
+            .member(room_id, user)
+            .await?
+            .ok_or_else(|| Error::forbidden("you are not a member of this room"))?;
+        if me.mute_until > now_ms() {
+            return Err(Error::forbidden(format!("you are muted in this room until {}", me.mute_until)));
+        }
+        Ok(me)
+    }
+
+    /// The actor's membership, or 403 (read from the store).
     pub async fn require_member(&self, room_id: RoomId, user: UserId) -> Result<Member> {
         self.store.member(room_id, user).await?.ok_or_else(|| Error::forbidden("you are not a member of this room"))
     }
@@ -274,9 +302,11 @@ impl Rooms {
         self.target_member(room_id, target).await?;
         if role == Role::Owner {
             self.store.transfer_ownership(room_id, actor, target).await?;
+            self.members.invalidate(room_id).await;
             self.announce(room_id, EventKind::RoleChanged, actor, actor, json!({ "role": Role::Admin.code() })).await?;
         } else {
             self.store.update_member(room_id, target, &MemberChange::Role(role)).await?;
+            self.members.invalidate(room_id).await;
         }
         self.announce(room_id, EventKind::RoleChanged, target, actor, json!({ "role": role.code() })).await
     }
@@ -293,6 +323,7 @@ impl Rooms {
             return Err(Error::forbidden("you may only mute members of a lower role than yours"));
         }
         self.store.update_member(room_id, target, &MemberChange::MuteUntil(until)).await?;
+        self.members.invalidate(room_id).await;
         self.announce(room_id, EventKind::MemberMuted, target, actor, json!({ "until": until })).await
     }
 

@@ -11,9 +11,16 @@
 //! | `{p}:node:{n}` | string, PX ttl | the instance holding snowflake node id `n` |
 //! | `{p}:svc:{kind}:{id}` | string, PX ttl | a live send/meta instance's URL |
 //! | `{p}:stream:{gateway}` | stream, MAXLEN ~ | [`BusEntry`] JSON in field `e`; consumer group `gateway` |
+//! | `{p}:members:{room}` | string, PX ttl | the room's [`RoomMembers`] as JSON `[[user, role, mute_until], …]` |
+//! | `{p}:members_v:{room}` | string (integer), PX ttl | the room's member-list version, moved on by every change |
 //!
 //! Routes of connected users carry no TTL, so they never expire under a
 //! connected user; a route to a gateway that is no longer live is ignored.
+//!
+//! Member lists are a read-through cache of SQL: a process that changed a
+//! room's membership in SQL bumps `members_v` and deletes `members`; a loader
+//! reads `members_v` before SQL and stores its list only if the version has not
+//! moved since, so a load racing a change never restores the old list.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -24,7 +31,8 @@ use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOpt
 use redis::{AsyncCommands, Script};
 use stacker_domain::clock::now_ms;
 use stacker_domain::cluster::{Bus, BusEntry, GatewayInfo, Registry};
-use stacker_domain::model::UserId;
+use stacker_domain::membership::{RoomMembers, SharedMemberCache};
+use stacker_domain::model::{RoomId, UserId};
 use stacker_domain::{monitor, Error, Result};
 
 const GROUP: &str = "gateway";
@@ -36,11 +44,14 @@ pub struct RedisOptions {
     pub prefix: String,
     /// Approximate most entries kept per gateway stream.
     pub stream_max_len: usize,
+    /// How long a cached member list lives. It bounds staleness only when an
+    /// invalidation could not reach Redis; changes normally invalidate at once.
+    pub member_list_ttl: Duration,
 }
 
 impl Default for RedisOptions {
     fn default() -> Self {
-        Self { prefix: "stacker".into(), stream_max_len: 100_000 }
+        Self { prefix: "stacker".into(), stream_max_len: 100_000, member_list_ttl: Duration::from_secs(60) }
     }
 }
 
@@ -413,5 +424,57 @@ impl Bus for RedisCluster {
     async fn streams(&self) -> Result<Vec<String>> {
         let prefix = self.stream("");
         Ok(self.scan(&format!("{prefix}*")).await?.into_iter().map(|k| k[prefix.len()..].to_string()).collect())
+    }
+}
+
+#[async_trait]
+impl SharedMemberCache for RedisCluster {
+    async fn get(&self, room: RoomId) -> Result<Option<RoomMembers>> {
+        let mut conn = self.conn.clone();
+        let bytes: Option<Vec<u8>> = observe("members_get", conn.get(self.key(format!("members:{room}")))).await?;
+        bytes.map(|b| decode("member list", &b)).transpose()
+    }
+
+    async fn version(&self, room: RoomId) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        let v: Option<u64> = observe("members_version", conn.get(self.key(format!("members_v:{room}")))).await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    async fn fill(&self, room: RoomId, version: u64, members: &RoomMembers) -> Result<bool> {
+        let script = Script::new(
+            r"
+            local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+            if current ~= tonumber(ARGV[1]) then return 0 end
+            redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+            return 1",
+        );
+        let json = serde_json::to_vec(members).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.key(format!("members_v:{room}")))
+            .key(self.key(format!("members:{room}")))
+            .arg(version)
+            .arg(json)
+            .arg(self.options.member_list_ttl.as_millis().max(1) as u64);
+        Ok(observe("members_fill", invocation.invoke_async::<i64>(&mut conn)).await? == 1)
+    }
+
+    async fn invalidate(&self, room: RoomId) -> Result<()> {
+        // The version outlives any list filled under it (a day vs the list TTL).
+        let version_ttl = (self.options.member_list_ttl * 4).max(Duration::from_secs(86_400));
+        let mut conn = self.conn.clone();
+        let version_key = self.key(format!("members_v:{room}"));
+        let pipe = redis::pipe()
+            .atomic()
+            .incr(&version_key, 1)
+            .ignore()
+            .pexpire(&version_key, version_ttl.as_millis() as i64)
+            .ignore()
+            .del(self.key(format!("members:{room}")))
+            .ignore()
+            .to_owned();
+        observe("members_invalidate", pipe.query_async::<()>(&mut conn)).await
     }
 }

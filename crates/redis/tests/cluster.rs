@@ -1,18 +1,28 @@
-//! The Redis registry, routes, node-id leases and streams against a real
+//! The Redis registry, routes, node-id leases, streams and member-list cache against a real
 //! Redis (STACKER_TEST_REDIS_URL; see stacker-testkit). Each test works under
 //! its own key prefix and deletes it afterwards.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use stacker_domain::cluster::{Bus, BusEntry, BusPush, GatewayInfo, Registry};
+use stacker_domain::membership::{MemberBrief, MemberCache, RoomMembers, SharedMemberCache};
+use stacker_domain::model::{JoinPolicy, Member, MemberChange, Role, Room, User};
+use stacker_domain::store::Store;
+use stacker_domain::Error;
 use stacker_redis::{RedisCluster, RedisOptions};
-use stacker_testkit::{service_url, Service};
+use stacker_store_sql::{SqlOptions, SqlStore};
+use stacker_testkit::{fresh_database, service_url, DbKind, Service};
 
 async fn cluster() -> Option<RedisCluster> {
     let url = service_url(Service::Redis)?;
     let prefix = format!("stacker-test-{:016x}", rand::random::<u64>());
-    Some(RedisCluster::connect(&url, RedisOptions { prefix, stream_max_len: 1000 }).await.expect("connect to redis"))
+    Some(
+        RedisCluster::connect(&url, RedisOptions { prefix, stream_max_len: 1000, ..Default::default() })
+            .await
+            .expect("connect to redis"),
+    )
 }
 
 fn gw(id: &str, connections: u64, capacity: u64) -> GatewayInfo {
@@ -161,4 +171,92 @@ async fn streams_deliver_in_order_ack_and_reclaim() {
     c.drop_stream("gw1").await.unwrap();
     assert!(c.streams().await.unwrap().is_empty());
     c.delete_all_keys().await.unwrap();
+}
+
+fn brief(user: i64, role: Role) -> MemberBrief {
+    MemberBrief { user_id: user, role, mute_until: 0 }
+}
+
+/// The versioned fill: a list loaded before an invalidation is refused.
+#[tokio::test]
+async fn member_lists_fill_only_under_their_version() {
+    let Some(c) = cluster().await else { return };
+    let room = 42;
+    assert_eq!(SharedMemberCache::get(&c, room).await.unwrap(), None);
+    let v0 = c.version(room).await.unwrap();
+    let old = RoomMembers::new(vec![brief(1, Role::Owner), brief(2, Role::Member)]);
+    assert!(c.fill(room, v0, &old).await.unwrap());
+    assert_eq!(SharedMemberCache::get(&c, room).await.unwrap(), Some(old.clone()));
+
+    // A loader reads the version, then a change lands and invalidates…
+    let loader_version = c.version(room).await.unwrap();
+    SharedMemberCache::invalidate(&c, room).await.unwrap();
+    assert_eq!(SharedMemberCache::get(&c, room).await.unwrap(), None, "invalidation drops the list");
+    // …so the loader's (possibly old) list is not stored.
+    assert!(!c.fill(room, loader_version, &old).await.unwrap(), "a fill under an old version is refused");
+    assert_eq!(SharedMemberCache::get(&c, room).await.unwrap(), None);
+
+    let fresh = RoomMembers::new(vec![brief(1, Role::Owner)]);
+    let v1 = c.version(room).await.unwrap();
+    assert!(v1 > loader_version);
+    assert!(c.fill(room, v1, &fresh).await.unwrap());
+    assert_eq!(SharedMemberCache::get(&c, room).await.unwrap(), Some(fresh));
+    c.delete_all_keys().await.unwrap();
+}
+
+/// Two processes' member caches over one SQL store and one Redis: the Redis
+/// tier serves lists in front of SQL, and a change made by one process is seen
+/// by the other once its short local copy expires.
+#[tokio::test]
+async fn member_cache_reads_through_redis_and_sees_other_processes_changes() {
+    let Some(c) = cluster().await else { return };
+    let db = fresh_database(DbKind::Sqlite).await.expect("sqlite");
+    let store: Arc<dyn Store> = Arc::new(SqlStore::connect(&db.url, SqlOptions::default()).await.expect("store"));
+    for id in [1, 2, 3] {
+        let user =
+            User { id, username: format!("u{id}"), nickname: String::new(), password_hash: "x".into(), created_at: 0 };
+        store.insert_user(&user).await.unwrap();
+    }
+    let room = Room {
+        id: 100,
+        name: "r".into(),
+        is_group: true,
+        join_policy: JoinPolicy::Open,
+        owner_id: 1,
+        direct_key: None,
+        last_seq: 0,
+        created_at: 0,
+    };
+    store
+        .insert_room(&room, &[Member::new(100, 1, Role::Owner, 0), Member::new(100, 2, Role::Member, 0)])
+        .await
+        .unwrap();
+
+    let shared: Arc<dyn SharedMemberCache> = Arc::new(c.clone());
+    let local_ttl = Duration::from_millis(200);
+    let meta = MemberCache::new(store.clone(), Some(shared.clone()), local_ttl);
+    let send = MemberCache::new(store.clone(), Some(shared.clone()), local_ttl);
+
+    assert_eq!(&send.get(100).await.unwrap().ids()[..], [1, 2]);
+    assert!(SharedMemberCache::get(&c, 100).await.unwrap().is_some(), "the first load fills Redis");
+    assert!(matches!(send.get(999).await, Err(Error::NotFound(_))), "a missing room is 404");
+
+    // Served from Redis, not SQL: a row written behind the cache's back is not
+    // seen by a process that has no local copy.
+    store.add_members(&[Member::new(100, 3, Role::Member, 0)]).await.unwrap();
+    assert_eq!(&meta.get(100).await.unwrap().ids()[..], [1, 2], "meta's first read comes from Redis");
+
+    // Meta records the change (SQL first, then invalidate): meta sees it at
+    // once, the send process after its local copy expires.
+    meta.invalidate(100).await;
+    assert_eq!(&meta.get(100).await.unwrap().ids()[..], [1, 2, 3]);
+    store.update_member(100, 2, &MemberChange::MuteUntil(i64::MAX)).await.unwrap();
+    meta.invalidate(100).await;
+    tokio::time::sleep(local_ttl + Duration::from_millis(100)).await;
+    let seen = send.get(100).await.unwrap();
+    assert_eq!(&seen.ids()[..], [1, 2, 3]);
+    assert_eq!(seen.get(2).map(|m| m.mute_until), Some(i64::MAX), "mutes travel with the list");
+
+    c.delete_all_keys().await.unwrap();
+    db.drop_database().await;
 }

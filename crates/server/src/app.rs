@@ -14,6 +14,7 @@ use stacker_domain::delivery::remote::BusFanout;
 use stacker_domain::delivery::{self, Delivery, SessionLimits};
 use stacker_domain::fanout::Fanout;
 use stacker_domain::ids::IdGenerator;
+use stacker_domain::membership::MemberCache;
 use stacker_domain::messages::{MessageLimits, Messages};
 use stacker_domain::rooms::Rooms;
 use stacker_domain::store::Store;
@@ -88,16 +89,23 @@ impl App {
         let tokens = Tokens::new(&secret, config.auth.token_ttl_s);
         let accounts =
             Accounts::new(store.clone(), ids.clone(), tokens, config.auth.max_login_failures_per_minute).await?;
-        let mut delivery_settings = delivery_config(&config);
-        if cluster.is_some() {
-            delivery_settings.member_cache_ttl = Duration::from_millis(config.cluster.member_cache_ms);
-        }
-        let delivery = Delivery::start(store.clone(), delivery_settings);
+        // Standalone: this process makes every membership change and invalidates
+        // its own cache, so lists live long. A cluster process also shares a Redis
+        // tier and keeps its own copy only briefly (other processes change rooms).
+        let members = Arc::new(match &cluster {
+            Some((redis, _)) => MemberCache::new(
+                store.clone(),
+                Some(Arc::new(redis.clone())),
+                Duration::from_millis(config.cluster.member_cache_ms),
+            ),
+            None => MemberCache::new(store.clone(), None, Duration::from_secs(600)),
+        });
+        let delivery = Delivery::start(store.clone(), members.clone(), delivery_config(&config));
         let cluster = cluster.map(|(redis, instance)| {
             let fanout = Arc::new(BusFanout::new(
                 Arc::new(redis.clone()),
                 Arc::new(redis.clone()),
-                delivery.members().clone(),
+                members.clone(),
                 Duration::from_millis(config.cluster.route_cache_ms),
                 config.delivery.batch_size,
             ));
@@ -107,7 +115,7 @@ impl App {
             Some(c) => c.fanout.clone(),
             None => delivery.clone(),
         };
-        let rooms = Arc::new(Rooms::new(store.clone(), ids.clone(), fanout.clone()));
+        let rooms = Arc::new(Rooms::new(store.clone(), ids.clone(), fanout.clone(), members));
         let committer = GroupCommitter::start(
             store.clone(),
             fanout.clone(),
@@ -215,7 +223,6 @@ fn delivery_config(config: &Config) -> delivery::DeliveryConfig {
             ..SessionLimits::default()
         },
         ack_flush_interval: Duration::from_millis(d.ack_flush_ms),
-        member_cache_ttl: Duration::from_secs(600),
     }
 }
 

@@ -63,8 +63,11 @@ impl Role {
 }
 
 pub async fn connect_redis(config: &Config) -> anyhow::Result<RedisCluster> {
-    let options =
-        RedisOptions { prefix: config.cluster.redis_prefix.clone(), stream_max_len: config.cluster.stream_max_len };
+    let options = RedisOptions {
+        prefix: config.cluster.redis_prefix.clone(),
+        stream_max_len: config.cluster.stream_max_len,
+        ..Default::default()
+    };
     Ok(RedisCluster::connect(&config.cluster.redis_url, options).await?)
 }
 

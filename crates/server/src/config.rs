@@ -175,8 +175,9 @@ pub struct ClusterConfig {
     pub route_lease_ms: u64,
     /// Send/meta instances cache user routes this long.
     pub route_cache_ms: u64,
-    /// Room member lists are cached this long in distributed mode (membership
-    /// changes in meta cannot invalidate other processes' caches).
+    /// How long a cluster process keeps its own copy of a room's member list
+    /// (in front of the shared Redis copy): how late it may see a change made by
+    /// another process.
     pub member_cache_ms: u64,
     /// Approximate most entries kept per gateway stream.
     pub stream_max_len: usize,

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use stacker_client::{Client, Socket};
+use stacker_domain::cluster::Bus;
 use stacker_proto::ws::ServerFrame;
 use stacker_proto::{Content, Id};
+use stacker_redis::{RedisCluster, RedisOptions};
 use stacker_testkit::{fresh_database, service_url, DbKind, Service};
 
 const SECRET: &str = "cluster-test-internal-secret";
@@ -46,11 +48,14 @@ struct Cluster {
     env: Vec<(String, String)>,
     registry: String,
     procs: Vec<Proc>,
+    /// Key prefix of this cluster in Redis.
+    redis_prefix: String,
 }
 
 impl Cluster {
     fn new(db_url: &str, redis_url: &str, data_dir: &std::path::Path) -> Cluster {
         let prefix = format!("stacker-e2e-{}", free_port());
+        let redis_prefix = prefix.clone();
         let env: Vec<(String, String)> = [
             ("STACKER_DATABASE__URL", db_url.to_string()),
             ("STACKER_CLUSTER__REDIS_URL", redis_url.to_string()),
@@ -68,7 +73,7 @@ impl Cluster {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let mut cluster = Cluster { env, registry: String::new(), procs: Vec::new() };
+        let mut cluster = Cluster { env, registry: String::new(), procs: Vec::new(), redis_prefix };
         let registry = cluster.start("registry");
         cluster.registry = cluster.url(registry);
         cluster.env.push(("STACKER_CLUSTER__REGISTRY_URL".into(), cluster.registry.clone()));
@@ -333,6 +338,10 @@ async fn end_to_end(kind: DbKind) {
     // through the registry to the other gateway and end with every message once.
     let victim = gateways[0];
     let victim_id = format!("gw-{}", c.procs[victim].port);
+    let bus = RedisCluster::connect(&redis, RedisOptions { prefix: c.redis_prefix.clone(), ..Default::default() })
+        .await
+        .unwrap();
+    assert!(bus.streams().await.unwrap().contains(&victim_id), "each gateway has its stream");
     let sender = senders[1].clone();
     let stream = tokio::spawn(async move {
         for i in 0..60 {
@@ -383,6 +392,13 @@ async fn end_to_end(kind: DbKind) {
             (before + 1..=last_seq).collect::<Vec<_>>(),
             "user {i}: every message once after dedupe, no gap"
         );
+    }
+    // The flusher reclaimed the dead gateway's stream: its entries went on to
+    // the users' live gateways and the stream itself was deleted.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while bus.streams().await.unwrap().contains(&victim_id) {
+        assert!(Instant::now() < deadline, "the flusher never reclaimed the dead gateway's stream");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     drop(c);

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use stacker_domain::delivery::{Delivery, DeliveryConfig, Push};
 use stacker_domain::fanout::Fanout;
+use stacker_domain::membership::MemberCache;
 use stacker_domain::model::{Content, Message};
 use stacker_domain::store::Store;
 
@@ -25,7 +26,8 @@ fn dispatch(c: &mut Criterion) {
     let (delivery, room, users, mut queues) = rt.block_on(async {
         let users = common::users(&db.store, MEMBERS).await;
         let room = common::room(&db.store, &users).await;
-        let delivery = Delivery::start(store.clone(), DeliveryConfig::default());
+        let members = Arc::new(MemberCache::new(store.clone(), None, Duration::from_secs(600)));
+        let delivery = Delivery::start(store.clone(), members, DeliveryConfig::default());
         let mut queues = Vec::with_capacity(MEMBERS);
         let mut handles = Vec::with_capacity(MEMBERS);
         for u in &users {

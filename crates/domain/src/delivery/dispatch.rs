@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::members::{MemberCache, MemberList};
 use super::{DeliveryConfig, Frame, Hub, Push};
+use crate::membership::{MemberCache, MemberList};
 use crate::model::{Message, RoomId};
 use stacker_proto::http::ChatMessage;
 use stacker_proto::ws::ServerFrame;
@@ -44,7 +44,7 @@ impl Dispatcher {
     /// workers' queues are full (back-pressure on senders, bounded memory).
     pub async fn dispatch_message(&self, message: &Message) {
         let members = match self.members.get(message.room_id).await {
-            Ok(m) => m,
+            Ok(m) => m.ids().clone(),
             Err(e) => {
                 // Stored but not pushed: members get it from the store on their next
                 // catch-up (reconnect, sync, or the next message's gap).

@@ -15,7 +15,6 @@ mod acks;
 mod dispatch;
 mod frame;
 mod hub;
-mod members;
 pub mod remote;
 mod session;
 
@@ -24,11 +23,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use crate::membership::MemberCache;
 pub use acks::AckBuffer;
 pub use dispatch::Dispatcher;
 pub use frame::Frame;
 pub use hub::{ConnHandle, Hub, Push};
-pub use members::MemberCache;
 pub use session::{Close, Session, SessionLimits};
 
 use crate::fanout::Fanout;
@@ -54,8 +53,6 @@ pub struct DeliveryConfig {
     pub session: SessionLimits,
     /// How often acknowledged cursors are written to the store.
     pub ack_flush_interval: Duration,
-    /// How long a room's member list is cached.
-    pub member_cache_ttl: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -69,7 +66,6 @@ impl Default for DeliveryConfig {
             max_connections: 200_000,
             session: SessionLimits::default(),
             ack_flush_interval: Duration::from_millis(500),
-            member_cache_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -85,9 +81,8 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    pub fn start(store: Arc<dyn Store>, config: DeliveryConfig) -> Arc<Self> {
+    pub fn start(store: Arc<dyn Store>, members: Arc<MemberCache>, config: DeliveryConfig) -> Arc<Self> {
         let hub = Arc::new(Hub::new(config.max_connections, config.connection_queue));
-        let members = Arc::new(MemberCache::new(store.clone(), config.member_cache_ttl));
         let dispatcher = Dispatcher::start(hub.clone(), members.clone(), &config);
         let acks = AckBuffer::start(store.clone(), config.ack_flush_interval);
         Arc::new(Self { store, hub, members, dispatcher, acks, config })
@@ -166,10 +161,9 @@ impl Fanout for Delivery {
         }
     }
 
-    /// Drops cached members, and tells a removed user's sessions to stop
-    /// delivering the room.
+    /// Tells a removed user's sessions to stop delivering the room (the
+    /// member cache was invalidated by [`crate::rooms::Rooms`]).
     async fn membership_changed(&self, room: RoomId, removed: Option<UserId>) {
-        self.members.invalidate(room).await;
         if let Some(user) = removed {
             self.hub.push_to_user(user, &Push::Left(room), self.config.enqueue_timeout).await;
         }

@@ -106,7 +106,7 @@ impl Fanout for BusFanout {
             return;
         }
         let members = match self.members.get(message.room_id).await {
-            Ok(m) => m,
+            Ok(m) => m.ids().clone(),
             Err(e) => {
                 tracing::warn!(room = message.room_id, error = %e, "cannot load members; skipping live push");
                 return;
@@ -118,7 +118,6 @@ impl Fanout for BusFanout {
     }
 
     async fn membership_changed(&self, room: RoomId, removed: Option<UserId>) {
-        self.members.invalidate(room).await;
         if let Some(user) = removed {
             self.publish(&[user], BusPush::Left { room }).await;
         }
