@@ -5,6 +5,7 @@
 //! The writer also hands each committed batch to the [`Fanout`] in seq order,
 //! so live pushes of a room leave in the order they were numbered.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,6 +77,14 @@ impl GroupCommitter {
 
     /// Stores one message; resolves once its batch has committed.
     pub async fn append(&self, message: NewMessage) -> Result<Appended> {
+        self.submit(message).await?.await
+    }
+
+    /// Queues one message (waiting up to the enqueue timeout for room) and
+    /// returns what resolves once it is stored. Messages submitted one after
+    /// another by one caller get seqs in that order, so a connection can keep
+    /// several sends in flight without reordering them.
+    pub async fn submit(&self, message: NewMessage) -> Result<impl Future<Output = Result<Appended>> + Send + 'static> {
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::Unavailable("the server is shutting down; retry on another one".into()));
         }
@@ -87,7 +96,7 @@ impl GroupCommitter {
             metrics::counter!("stacker_commit_rejected_total").increment(1);
             return Err(Error::Unavailable("the server is busy storing messages; retry shortly".into()));
         }
-        done.await.map_err(|_| Error::Unavailable("the message writer stopped; retry".into()))?
+        Ok(async move { done.await.map_err(|_| Error::Unavailable("the message writer stopped; retry".into()))? })
     }
 
     /// Refuses new sends and waits until every accepted one is committed.

@@ -1,5 +1,6 @@
 //! Sending, resending and reading messages.
 
+use std::future::Future;
 use std::sync::{Arc, RwLock};
 
 use crate::clock::now_ms;
@@ -72,6 +73,19 @@ impl Messages {
         content: Content,
         client_msg_id: Option<String>,
     ) -> Result<Appended> {
+        self.submit(sender, room_id, content, client_msg_id).await?.await
+    }
+
+    /// [`send`](Self::send) in two steps: checks the message and queues it for
+    /// storage, then returns what resolves once it is stored. Sends submitted
+    /// in order are numbered in that order.
+    pub async fn submit(
+        &self,
+        sender: UserId,
+        room_id: RoomId,
+        content: Content,
+        client_msg_id: Option<String>,
+    ) -> Result<impl Future<Output = Result<Appended>> + Send + 'static> {
         if let Some(id) = &client_msg_id {
             validate::client_msg_id(id)?;
         }
@@ -81,11 +95,14 @@ impl Messages {
         let message =
             NewMessage { id: self.ids.next_id(), room_id, sender_id: sender, client_msg_id, content, created_at: now };
         // The committer acknowledges and pushes it once stored.
-        let outcome = self.committer.append(message).await?;
-        if matches!(outcome, Appended::Stored(_)) {
-            metrics::counter!("stacker_messages_stored_total").increment(1);
-        }
-        Ok(outcome)
+        let stored = self.committer.submit(message).await?;
+        Ok(async move {
+            let outcome = stored.await?;
+            if matches!(outcome, Appended::Stored(_)) {
+                metrics::counter!("stacker_messages_stored_total").increment(1);
+            }
+            Ok(outcome)
+        })
     }
 
     /// The original sender asks for a stored message again (same id and seq).

@@ -247,7 +247,7 @@ pub async fn run_parts(
     let router = crate::http::router_for(app.clone(), parts);
     let timeout = Duration::from_millis(app.config.server.shutdown_timeout_ms);
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+    let serve = axum::serve(no_delay(listener), router).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = stopping_tx.send(());
     });
@@ -268,6 +268,17 @@ pub async fn run_parts(
         tracing::warn!(?timeout, "shutdown timed out; exiting with work in flight");
     }
     Ok(())
+}
+
+/// Accepted sockets with Nagle's algorithm off: pushes are small frames that
+/// must leave at once, not wait for the peer's delayed ACK (up to 40 ms).
+pub(crate) fn no_delay(listener: TcpListener) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|socket| {
+        if let Err(e) = socket.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    })
 }
 
 /// The configured secret, or (development only) one generated on first start

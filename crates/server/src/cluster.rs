@@ -545,6 +545,6 @@ async fn serve_registry_routes(
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn(crate::telemetry::track_http))
         .with_state(state);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
+    axum::serve(crate::app::no_delay(listener), router).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }

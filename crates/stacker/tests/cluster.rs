@@ -287,7 +287,14 @@ async fn end_to_end(kind: DbKind) {
         .clone();
     let moved_at = Instant::now();
     let mut moved = mover.connect_gateway(other["ws_url"].as_str().unwrap(), "d2").await.unwrap();
-    sockets[4] = mover.connect_gateway(other["ws_url"].as_str().unwrap(), "d").await.unwrap();
+    let left = std::mem::replace(
+        &mut sockets[4],
+        mover.connect_gateway(other["ws_url"].as_str().unwrap(), "d").await.unwrap(),
+    );
+    // The old gateway must have let go of the user before the message reaches
+    // it (the close handshake, then a moment for it to unregister).
+    left.close().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let stale = via.send_text(room, "after the move").await.unwrap().seq;
     let stale_cache_used = moved_at.elapsed() < Duration::from_millis(900);
     let got = collect_through(&mut moved, room, primed, stale).await;

@@ -7,10 +7,10 @@ use stacker_domain::model::*;
 use stacker_domain::store::MessageStore;
 use stacker_domain::{Error, Result};
 
-use crate::dialect::{value_groups, Dialect};
+use crate::dialect::{placeholders, value_groups, Dialect};
 use crate::error::{classify, map_err, observe, Class};
 use crate::rows;
-use crate::{affected, finish, Fail, SqlStore};
+use crate::{finish, Fail, SqlStore};
 
 /// Most rows in one multi-row `INSERT` (8 parameters each).
 const INSERT_CHUNK: usize = 100;
@@ -20,6 +20,18 @@ const DEDUPE_CHUNK: usize = 200;
 /// (MySQL/PostgreSQL; such a transaction was rolled back, so running it again is safe).
 const MAX_ATTEMPTS: usize = 3;
 const MESSAGE_NCOLS: usize = 8;
+/// Most rooms whose seqs one statement reserves (3 parameters each).
+const ROOM_CHUNK: usize = 200;
+/// Most (room, sender) read cursors one statement moves (5 parameters each).
+const CURSOR_CHUNK: usize = 150;
+
+fn bind_rooms<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    rooms: &[(RoomId, i64)],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    let query = rooms.iter().fold(query, |q, (room, n)| q.bind(*room).bind(*n));
+    rooms.iter().fold(query, |q, (room, _)| q.bind(*room))
+}
 
 /// The batch, checked and encoded before any database work.
 struct Prepared<'a> {
@@ -81,40 +93,81 @@ impl SqlStore {
         Ok(found)
     }
 
-    /// Reserves `n` seqs in `room`; returns the last one. The row lock taken
-    /// here is held until commit, serializing every writer of the room.
-    async fn reserve_seqs(&self, conn: &mut AnyConnection, room: RoomId, n: i64) -> std::result::Result<i64, Fail> {
-        let missing = || Fail::Domain(Error::not_found(format!("room {room} not found")));
-        match self.dialect {
-            Dialect::Mysql => {
-                // No UPDATE … RETURNING: LAST_INSERT_ID(expr) hands the new value
-                // back in the statement's OK packet; fall back to reading it.
-                let done = sqlx::query("UPDATE rooms SET last_seq = LAST_INSERT_ID(last_seq + ?) WHERE id = ?")
-                    .bind(n)
-                    .bind(room)
-                    .execute(&mut *conn)
-                    .await?;
-                if affected(&done) == 0 {
-                    return Err(missing());
+    /// Reserves `count` seqs in each room; returns each room's new last seq.
+    /// One statement per [`ROOM_CHUNK`] rooms (1:1 traffic puts nearly every
+    /// message of a batch in a room of its own). The row locks taken here are
+    /// held until commit, serializing every writer of a room; rooms are
+    /// visited in ascending id, a fixed lock order.
+    async fn reserve_seqs(
+        &self,
+        conn: &mut AnyConnection,
+        rooms: &[(RoomId, i64)],
+    ) -> std::result::Result<HashMap<RoomId, i64>, Fail> {
+        let mut last = HashMap::with_capacity(rooms.len());
+        for chunk in rooms.chunks(ROOM_CHUNK) {
+            let case = "WHEN ? THEN ? ".repeat(chunk.len());
+            let ids = placeholders(chunk.len());
+            let update = format!("UPDATE rooms SET last_seq = last_seq + CASE id {case}END WHERE id IN ({ids})");
+            let rows = match self.dialect {
+                // No UPDATE … RETURNING: read the rows back under our own locks.
+                Dialect::Mysql => {
+                    bind_rooms(sqlx::query(&update), chunk).execute(&mut *conn).await?;
+                    let select = format!("SELECT id, last_seq FROM rooms WHERE id IN ({ids})");
+                    chunk.iter().fold(sqlx::query(&select), |q, (room, _)| q.bind(*room)).fetch_all(&mut *conn).await?
                 }
-                match done.last_insert_id() {
-                    Some(last) if last >= n => Ok(last),
-                    _ => {
-                        let row = sqlx::query("SELECT last_seq FROM rooms WHERE id = ?")
-                            .bind(room)
-                            .fetch_optional(&mut *conn)
-                            .await?
-                            .ok_or_else(missing)?;
-                        Ok(rows::int(&row, 0)?)
-                    }
+                Dialect::Postgres => {
+                    // An UPDATE locks rows in scan order, which is not id order on
+                    // PostgreSQL: take the locks in id order first (no deadlocks
+                    // between writers whose batches share rooms).
+                    let lock =
+                        self.sql_owned(format!("SELECT id FROM rooms WHERE id IN ({ids}) ORDER BY id FOR UPDATE"));
+                    chunk.iter().fold(sqlx::query(&lock), |q, (room, _)| q.bind(*room)).fetch_all(&mut *conn).await?;
+                    let sql = self.sql_owned(format!("{update} RETURNING id, last_seq"));
+                    bind_rooms(sqlx::query(&sql), chunk).fetch_all(&mut *conn).await?
                 }
+                // One writer at a time (BEGIN IMMEDIATE).
+                Dialect::Sqlite => {
+                    let sql = self.sql_owned(format!("{update} RETURNING id, last_seq"));
+                    bind_rooms(sqlx::query(&sql), chunk).fetch_all(&mut *conn).await?
+                }
+            };
+            for row in &rows {
+                last.insert(rows::int(row, 0)?, rows::int(row, 1)?);
             }
-            Dialect::Sqlite | Dialect::Postgres => {
-                let sql = self.sql("UPDATE rooms SET last_seq = last_seq + ? WHERE id = ? RETURNING last_seq");
-                let row = sqlx::query(&sql).bind(n).bind(room).fetch_optional(&mut *conn).await?.ok_or_else(missing)?;
-                Ok(rows::int(&row, 0)?)
+            if let Some((missing, _)) = chunk.iter().find(|(room, _)| !last.contains_key(room)) {
+                return Err(Fail::Domain(Error::not_found(format!("room {missing} not found"))));
             }
         }
+        Ok(last)
+    }
+
+    /// A sender has read everything up to their own last message: one
+    /// statement per [`CURSOR_CHUNK`] (room, sender) pairs.
+    async fn advance_read_cursors(
+        &self,
+        conn: &mut AnyConnection,
+        cursors: &[((RoomId, UserId), i64)],
+    ) -> std::result::Result<(), Fail> {
+        let greatest = match self.dialect {
+            Dialect::Sqlite => "MAX",
+            Dialect::Mysql | Dialect::Postgres => "GREATEST",
+        };
+        for chunk in cursors.chunks(CURSOR_CHUNK) {
+            let case = "WHEN room_id = ? AND user_id = ? THEN ? ".repeat(chunk.len());
+            let cond = vec!["(room_id = ? AND user_id = ?)"; chunk.len()].join(" OR ");
+            let sql = self.sql_owned(format!(
+                "UPDATE room_members SET read_seq = {greatest}(read_seq, CASE {case}ELSE read_seq END) WHERE {cond}"
+            ));
+            let mut query = sqlx::query(&sql);
+            for ((room, user), seq) in chunk {
+                query = query.bind(*room).bind(*user).bind(*seq);
+            }
+            for ((room, user), _) in chunk {
+                query = query.bind(*room).bind(*user);
+            }
+            query.execute(&mut *conn).await?;
+        }
+        Ok(())
     }
 
     async fn insert_messages(
@@ -166,10 +219,12 @@ impl SqlStore {
                 by_room.entry(m.room_id).or_default().push(i);
             }
         }
+        let counts: Vec<(RoomId, i64)> = by_room.iter().map(|(room, items)| (*room, items.len() as i64)).collect();
+        let last_seqs = self.reserve_seqs(conn, &counts).await?;
         let mut stored: Vec<Option<Message>> = vec![None; batch.len()];
         for (room, items) in &by_room {
             let n = items.len() as i64;
-            let last = self.reserve_seqs(conn, *room, n).await?;
+            let last = last_seqs[room];
             for (k, i) in items.iter().enumerate() {
                 let m = &batch[*i];
                 stored[*i] = Some(Message {
@@ -196,10 +251,8 @@ impl SqlStore {
             let seq = cursors.entry((m.room_id, m.sender_id)).or_insert(m.seq);
             *seq = (*seq).max(m.seq);
         }
-        let sql = self.sql("UPDATE room_members SET read_seq = ? WHERE room_id = ? AND user_id = ? AND read_seq < ?");
-        for ((room, sender), seq) in cursors {
-            sqlx::query(&sql).bind(seq).bind(room).bind(sender).bind(seq).execute(&mut *conn).await?;
-        }
+        let cursors: Vec<((RoomId, UserId), i64)> = cursors.into_iter().collect();
+        self.advance_read_cursors(conn, &cursors).await?;
 
         // 5. Outcomes in batch order.
         let mut out: Vec<Appended> = Vec::with_capacity(batch.len());

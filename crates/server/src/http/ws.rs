@@ -11,7 +11,9 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use futures::{SinkExt, StreamExt};
+use futures::future::{self, BoxFuture};
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use stacker_domain::clock::now_ms;
 use stacker_domain::cluster::Registry;
@@ -94,23 +96,35 @@ async fn serve(app: AppState, socket: WebSocket, handle: ConnHandle, mut session
     let last_seen = Arc::new(AtomicI64::new(now_ms()));
     let writer = write_loop(&app, &mut sink, &mut session, &last_seen);
     let reader = async {
-        while let Some(msg) = stream.next().await {
-            last_seen.store(now_ms(), Ordering::Relaxed);
-            match msg {
-                Ok(Message::Text(text)) => handle_frame(&app, &handle, &text).await,
-                Ok(Message::Binary(_)) => {
-                    reply_error(&app, &handle, 400, "binary frames are not supported; send JSON text").await
+        // Sends are checked and queued in arrival order, then stored while the
+        // reader goes on; their errors are reported in that order too.
+        let mut sends: FuturesOrdered<BoxFuture<'static, Result<(), Error>>> = FuturesOrdered::new();
+        loop {
+            tokio::select! {
+                Some(result) = sends.next(), if !sends.is_empty() => {
+                    if let Err(e) = result {
+                        reply_api_error(&app, &handle, e).await;
+                    }
                 }
-                Ok(Message::Close(_)) => return None,
-                Ok(_) => {} // ping/pong: answered by the protocol layer
-                Err(e) => {
-                    let too_big = e.to_string().to_ascii_lowercase().contains("too long")
-                        || e.to_string().to_ascii_lowercase().contains("too big");
-                    return too_big.then(|| Close { code: 1009, reason: "frame too large".into() });
+                msg = stream.next(), if sends.len() < MAX_SENDS_IN_FLIGHT => {
+                    let Some(msg) = msg else { return None };
+                    last_seen.store(now_ms(), Ordering::Relaxed);
+                    match msg {
+                        Ok(Message::Text(text)) => handle_frame(&app, &handle, &text, &mut sends).await,
+                        Ok(Message::Binary(_)) => {
+                            reply_error(&app, &handle, 400, "binary frames are not supported; send JSON text").await
+                        }
+                        Ok(Message::Close(_)) => return None,
+                        Ok(_) => {} // ping/pong: answered by the protocol layer
+                        Err(e) => {
+                            let too_big = e.to_string().to_ascii_lowercase().contains("too long")
+                                || e.to_string().to_ascii_lowercase().contains("too big");
+                            return too_big.then(|| Close { code: 1009, reason: "frame too large".into() });
+                        }
+                    }
                 }
             }
         }
-        None
     };
     let close = tokio::select! {
         close = writer => close,
@@ -202,7 +216,16 @@ async fn write_loop(
     }
 }
 
-async fn handle_frame(app: &AppState, handle: &ConnHandle, text: &str) {
+/// Most `send` frames of one connection being stored at once; past it the
+/// connection's reader waits (back-pressure on that client alone).
+const MAX_SENDS_IN_FLIGHT: usize = 64;
+
+async fn handle_frame(
+    app: &AppState,
+    handle: &ConnHandle,
+    text: &str,
+    sends: &mut FuturesOrdered<BoxFuture<'static, Result<(), Error>>>,
+) {
     let frame: ClientFrame = match serde_json::from_str(text) {
         Ok(f) => f,
         Err(e) => return reply_error(app, handle, 400, &format!("malformed frame: {e}")).await,
@@ -220,14 +243,23 @@ async fn handle_frame(app: &AppState, handle: &ConnHandle, text: &str) {
         }
         // The ack frame reaches every device of the sender from the delivery side.
         ClientFrame::Send { room_id, content, client_msg_id } => {
-            app.messages.send(handle.user_id, room_id.0, content, client_msg_id).await.map(|_: Appended| ())
+            let queued = app.messages.submit(handle.user_id, room_id.0, content, client_msg_id).await;
+            sends.push_back(match queued {
+                Ok(stored) => stored.map(|r| r.map(|_: Appended| ())).boxed(),
+                Err(e) => future::ready(Err(e)).boxed(),
+            });
+            return;
         }
     };
     if let Err(e) = result {
-        let e = ApiError(e);
-        let msg = e.client_message();
-        reply_error(app, handle, e.status().as_u16(), &msg).await;
+        reply_api_error(app, handle, e).await;
     }
+}
+
+async fn reply_api_error(app: &AppState, handle: &ConnHandle, e: Error) {
+    let e = ApiError(e);
+    let msg = e.client_message();
+    reply_error(app, handle, e.status().as_u16(), &msg).await;
 }
 
 async fn reply_error(app: &AppState, handle: &ConnHandle, code: u16, msg: &str) {

@@ -560,6 +560,25 @@ async fn append_rooms_and_cursors(s: DynStore) {
     assert_gapless(&s, r2.id, 3).await;
 }
 
+/// One batch across more rooms (and sender cursors) than one statement takes.
+async fn append_many_rooms(s: DynStore) {
+    let a = make_user(&s, "many_a").await;
+    let b = make_user(&s, "many_b").await;
+    let mut rooms = Vec::new();
+    for i in 0..260 {
+        rooms.push(make_room(&s, &format!("many-{i}"), a.id, &[b.id], 1).await.id);
+    }
+    let batch: Vec<NewMessage> =
+        rooms.iter().flat_map(|r| [msg(*r, a.id, None, "from a"), msg(*r, b.id, None, "from b")]).collect();
+    let out = s.append(&batch).await.unwrap();
+    for (k, room) in rooms.iter().enumerate() {
+        assert_eq!((stored(&out[2 * k]).seq, stored(&out[2 * k + 1]).seq), (1, 2), "room {k}");
+        assert_eq!(s.room(*room).await.unwrap().unwrap().last_seq, 2);
+        assert_eq!(s.member(*room, a.id).await.unwrap().unwrap().read_seq, 1, "room {k}");
+        assert_eq!(s.member(*room, b.id).await.unwrap().unwrap().read_seq, 2, "room {k}");
+    }
+}
+
 async fn append_missing_room(s: DynStore) {
     let a = make_user(&s, "mr_a").await;
     let room = make_room(&s, "exists", a.id, &[], 1).await;
@@ -784,6 +803,7 @@ pub async fn run(s: DynStore) -> usize {
         append_basics,
         append_duplicates,
         append_rooms_and_cursors,
+        append_many_rooms,
         append_missing_room,
         history,
         room_summaries,
