@@ -107,7 +107,7 @@ async fn serve(app: AppState, socket: WebSocket, handle: ConnHandle, mut session
                     }
                 }
                 msg = stream.next(), if sends.len() < MAX_SENDS_IN_FLIGHT => {
-                    let Some(msg) = msg else { return None };
+                    let msg = msg?;
                     last_seen.store(now_ms(), Ordering::Relaxed);
                     match msg {
                         Ok(Message::Text(text)) => handle_frame(&app, &handle, &text, &mut sends).await,
