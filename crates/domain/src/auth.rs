@@ -4,33 +4,52 @@ use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, Pass
 use argon2::Argon2;
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use std::sync::LazyLock;
+use std::time::Duration;
+use tokio::sync::Semaphore;
 
 use crate::model::UserId;
 use crate::{clock::now_ms, Error, Result};
 
+/// Each argon2 run holds 19 MiB (the default m_cost) and a core: at most one
+/// per core runs at once, so a burst of registrations or logins queues here
+/// instead of growing memory by 19 MiB per request.
+static HASHING: LazyLock<Semaphore> =
+    LazyLock::new(|| Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)));
+
+/// How long a request waits for a hashing slot before it is told to retry.
+const HASHING_WAIT: Duration = Duration::from_secs(10);
+
+/// Runs `work` on the blocking pool once a hashing slot is free.
+async fn with_hashing_slot<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let _slot = tokio::time::timeout(HASHING_WAIT, HASHING.acquire())
+        .await
+        .map_err(|_| Error::Unavailable("too many logins and registrations at once; retry shortly".into()))?
+        .map_err(|_| Error::Internal("hashing semaphore closed".into()))?;
+    tokio::task::spawn_blocking(work).await.map_err(|e| Error::Internal(format!("hash task: {e}")))
+}
+
 /// Hashes a password with argon2id on the blocking pool.
 pub async fn hash_password(password: String) -> Result<String> {
-    tokio::task::spawn_blocking(move || {
+    with_hashing_slot(move || {
         let salt = SaltString::generate(&mut OsRng);
         Argon2::default()
             .hash_password(password.as_bytes(), &salt)
             .map(|h| h.to_string())
             .map_err(|e| Error::Internal(format!("argon2: {e}")))
     })
-    .await
-    .map_err(|e| Error::Internal(format!("hash task: {e}")))?
+    .await?
 }
 
 /// Verifies on the blocking pool. A malformed stored hash counts as a mismatch.
 pub async fn verify_password(password: String, hash: String) -> Result<bool> {
-    tokio::task::spawn_blocking(move || {
+    with_hashing_slot(move || {
         let Ok(parsed) = PasswordHash::new(&hash) else {
             return false;
         };
         Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok()
     })
     .await
-    .map_err(|e| Error::Internal(format!("verify task: {e}")))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
