@@ -2,8 +2,10 @@
 //! messages cost one transaction. A send's future resolves only after the
 //! transaction holding it has committed.
 //!
-//! The writer also hands each committed batch to the [`Fanout`] in seq order,
-//! so live pushes of a room leave in the order they were numbered.
+//! Each writer answers the batch's senders as soon as it has committed and
+//! hands the batch to its fan-out stage, which pushes it through the
+//! [`Fanout`] in commit order (a room's pushes leave in seq order) while the
+//! writer runs the next transaction.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -56,14 +58,14 @@ impl GroupCommitter {
         let rx = Arc::new(Mutex::new(rx));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let writers = (0..config.writers.max(1))
-            .map(|_| {
-                tokio::spawn(writer(
-                    store.clone(),
-                    fanout.clone(),
-                    rx.clone(),
-                    config.max_batch.max(1),
-                    in_flight.clone(),
-                ))
+            .flat_map(|_| {
+                // Each writer hands its committed batches to a fan-out stage of its
+                // own, in commit order, and goes on with the next transaction.
+                let (committed_tx, committed_rx) = mpsc::channel(FANOUT_STAGE_BATCHES);
+                [
+                    tokio::spawn(writer(store.clone(), rx.clone(), committed_tx, config.max_batch.max(1))),
+                    tokio::spawn(fan_out(fanout.clone(), committed_rx, in_flight.clone())),
+                ]
             })
             .collect();
         Self {
@@ -108,12 +110,20 @@ impl GroupCommitter {
     }
 }
 
+/// Committed batches waiting for the fan-out stage; past it the writer waits.
+const FANOUT_STAGE_BATCHES: usize = 4;
+
+/// A batch's outcomes, or how many sends a failed batch answered.
+enum Committed {
+    Stored(Vec<Appended>),
+    Failed(usize),
+}
+
 async fn writer(
     store: Arc<dyn MessageStore>,
-    fanout: Arc<dyn Fanout>,
     rx: Arc<Mutex<mpsc::Receiver<Pending>>>,
+    committed: mpsc::Sender<Committed>,
     max_batch: usize,
-    in_flight: Arc<AtomicUsize>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     loop {
@@ -123,14 +133,35 @@ async fn writer(
                 return; // every sender is gone and the queue is empty
             }
         }
-        let answered = batch.len();
-        commit(&*store, &*fanout, &mut batch).await;
+        let outcome = commit(&*store, &mut batch).await;
+        if committed.send(outcome).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Pushes committed messages in commit order (so a room's pushes leave in seq
+/// order), then counts their sends as done.
+async fn fan_out(fanout: Arc<dyn Fanout>, mut committed: mpsc::Receiver<Committed>, in_flight: Arc<AtomicUsize>) {
+    while let Some(batch) = committed.recv().await {
+        let answered = match batch {
+            Committed::Stored(outcomes) => {
+                // A duplicate is acknowledged again (the client is retrying) but was
+                // pushed when it was first stored.
+                for outcome in &outcomes {
+                    fanout.message_stored(outcome.message(), matches!(outcome, Appended::Stored(_))).await;
+                }
+                outcomes.len()
+            }
+            Committed::Failed(n) => n,
+        };
         in_flight.fetch_sub(answered, Ordering::AcqRel);
     }
 }
 
-async fn commit(store: &dyn MessageStore, fanout: &dyn Fanout, batch: &mut Vec<Pending>) {
-    let messages: Vec<NewMessage> = batch.iter().map(|p| p.message.clone()).collect();
+/// Stores one batch and answers its senders.
+async fn commit(store: &dyn MessageStore, batch: &mut Vec<Pending>) -> Committed {
+    let (messages, replies): (Vec<NewMessage>, Vec<_>) = batch.drain(..).map(|p| (p.message, p.reply)).unzip();
     let started = Instant::now();
     let mut result = store.append(&messages).await;
     if matches!(result, Err(Error::Conflict(_))) {
@@ -139,28 +170,26 @@ async fn commit(store: &dyn MessageStore, fanout: &dyn Fanout, batch: &mut Vec<P
         result = store.append(&messages).await;
     }
     metrics::histogram!("stacker_commit_seconds").record(started.elapsed().as_secs_f64());
-    metrics::histogram!("stacker_commit_batch_size").record(batch.len() as f64);
+    metrics::histogram!("stacker_commit_batch_size").record(messages.len() as f64);
     match result {
-        Ok(outcomes) if outcomes.len() == batch.len() => {
-            // A duplicate is acknowledged again (the client is retrying) but was
-            // pushed when it was first stored.
-            for outcome in &outcomes {
-                fanout.message_stored(outcome.message(), matches!(outcome, Appended::Stored(_))).await;
+        Ok(outcomes) if outcomes.len() == messages.len() => {
+            for (reply, outcome) in replies.into_iter().zip(&outcomes) {
+                let _ = reply.send(Ok(outcome.clone()));
             }
-            for (pending, outcome) in batch.drain(..).zip(outcomes) {
-                let _ = pending.reply.send(Ok(outcome));
-            }
+            Committed::Stored(outcomes)
         }
         other => {
             let reason = match other {
                 Err(e) => e.to_string(),
-                Ok(o) => format!("store returned {} results for {} messages", o.len(), batch.len()),
+                Ok(o) => format!("store returned {} results for {} messages", o.len(), messages.len()),
             };
-            tracing::error!(%reason, size = batch.len(), "message batch failed; senders get 503 and may retry");
+            tracing::error!(%reason, size = messages.len(), "message batch failed; senders get 503 and may retry");
             metrics::counter!("stacker_commit_failures_total").increment(1);
-            for pending in batch.drain(..) {
-                let _ = pending.reply.send(Err(Error::Unavailable("could not store the message; retry".into())));
+            let n = replies.len();
+            for reply in replies {
+                let _ = reply.send(Err(Error::Unavailable("could not store the message; retry".into())));
             }
+            Committed::Failed(n)
         }
     }
 }
