@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::fanout::Fanout;
@@ -26,7 +26,8 @@ pub struct CommitConfig {
     pub writers: usize,
     /// Most messages in one transaction.
     pub max_batch: usize,
-    /// Sends waiting for a writer; past it a send waits up to `enqueue_timeout`.
+    /// Sends waiting for the writers (split evenly between their queues); past
+    /// it a send waits up to `enqueue_timeout`.
     pub queue: usize,
     pub enqueue_timeout: Duration,
 }
@@ -43,7 +44,9 @@ struct Pending {
 }
 
 pub struct GroupCommitter {
-    tx: mpsc::Sender<Pending>,
+    /// One queue per writer; a room's messages always go to the same one, so
+    /// they are numbered, committed and pushed in the order they were submitted.
+    queues: Vec<mpsc::Sender<Pending>>,
     enqueue_timeout: Duration,
     /// Set by `shutdown`: new sends are refused, queued ones still commit.
     closing: AtomicBool,
@@ -54,26 +57,25 @@ pub struct GroupCommitter {
 
 impl GroupCommitter {
     pub fn start(store: Arc<dyn MessageStore>, fanout: Arc<dyn Fanout>, config: CommitConfig) -> Self {
-        let (tx, rx) = mpsc::channel(config.queue.max(1));
-        let rx = Arc::new(Mutex::new(rx));
+        let writers = config.writers.max(1);
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let writers = (0..config.writers.max(1))
-            .flat_map(|_| {
-                // Each writer hands its committed batches to a fan-out stage of its
-                // own, in commit order, and goes on with the next transaction.
-                let (committed_tx, committed_rx) = mpsc::channel(FANOUT_STAGE_BATCHES);
-                [
-                    tokio::spawn(writer(store.clone(), rx.clone(), committed_tx, config.max_batch.max(1))),
-                    tokio::spawn(fan_out(fanout.clone(), committed_rx, in_flight.clone())),
-                ]
-            })
-            .collect();
+        let mut queues = Vec::with_capacity(writers);
+        let mut tasks = Vec::with_capacity(2 * writers);
+        for _ in 0..writers {
+            let (tx, rx) = mpsc::channel((config.queue / writers).max(1));
+            // Each writer hands its committed batches to a fan-out stage of its
+            // own, in commit order, and goes on with the next transaction.
+            let (committed_tx, committed_rx) = mpsc::channel(FANOUT_STAGE_BATCHES);
+            tasks.push(tokio::spawn(writer(store.clone(), rx, committed_tx, config.max_batch.max(1))));
+            tasks.push(tokio::spawn(fan_out(fanout.clone(), committed_rx, in_flight.clone())));
+            queues.push(tx);
+        }
         Self {
-            tx,
+            queues,
             enqueue_timeout: config.enqueue_timeout,
             closing: AtomicBool::new(false),
             in_flight,
-            _writers: writers,
+            _writers: tasks,
         }
     }
 
@@ -83,9 +85,9 @@ impl GroupCommitter {
     }
 
     /// Queues one message (waiting up to the enqueue timeout for room) and
-    /// returns what resolves once it is stored. Messages submitted one after
-    /// another by one caller get seqs in that order, so a connection can keep
-    /// several sends in flight without reordering them.
+    /// returns what resolves once it is stored. Messages to one room submitted
+    /// one after another get seqs in that order (one writer per room), so a
+    /// connection can keep several sends in flight without reordering them.
     pub async fn submit(&self, message: NewMessage) -> Result<impl Future<Output = Result<Appended>> + Send + 'static> {
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::Unavailable("the server is shutting down; retry on another one".into()));
@@ -93,7 +95,8 @@ impl GroupCommitter {
         let (reply, done) = oneshot::channel();
         // Counted until a writer has answered it, even if our caller goes away.
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send_timeout(Pending { message, reply }, self.enqueue_timeout).await.is_err() {
+        let queue = &self.queues[(message.room_id as u64 % self.queues.len() as u64) as usize];
+        if queue.send_timeout(Pending { message, reply }, self.enqueue_timeout).await.is_err() {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             metrics::counter!("stacker_commit_rejected_total").increment(1);
             return Err(Error::Unavailable("the server is busy storing messages; retry shortly".into()));
@@ -121,17 +124,14 @@ enum Committed {
 
 async fn writer(
     store: Arc<dyn MessageStore>,
-    rx: Arc<Mutex<mpsc::Receiver<Pending>>>,
+    mut rx: mpsc::Receiver<Pending>,
     committed: mpsc::Sender<Committed>,
     max_batch: usize,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     loop {
-        {
-            let mut rx = rx.lock().await;
-            if rx.recv_many(&mut batch, max_batch).await == 0 {
-                return; // every sender is gone and the queue is empty
-            }
+        if rx.recv_many(&mut batch, max_batch).await == 0 {
+            return; // every sender is gone and the queue is empty
         }
         let outcome = commit(&*store, &mut batch).await;
         if committed.send(outcome).await.is_err() {

@@ -1,5 +1,6 @@
 //! The server end to end on MariaDB and PostgreSQL (when configured; see
-//! stacker-testkit): concurrent sends keep seqs gapless, and a restart keeps them.
+//! stacker-testkit): concurrent sends keep seqs gapless, one connection's
+//! pipelined sends keep their order over several writers, and a restart keeps seqs.
 
 mod common;
 
@@ -12,6 +13,7 @@ async fn on(kind: DbKind) {
     let keep = config.clone();
     let s = TestServer::start_with(config).await;
     common::concurrent_sends(&s, 8, 200).await;
+    common::pipelined_sends(&s, 300).await;
     let a = s.user("a").await;
     let room = a.create_group("again", &[], None).await.unwrap();
     a.send_text(room, "one").await.unwrap();

@@ -116,3 +116,30 @@ pub async fn concurrent_sends(s: &TestServer, tasks: usize, per_task: usize) {
     }
     assert_eq!(stored, (1..=total).collect::<Vec<_>>(), "history holds every message once, in order");
 }
+
+/// One WebSocket sends `n` messages to one room without waiting for acks:
+/// they are numbered in the order sent (whatever the number of writers).
+pub async fn pipelined_sends(s: &TestServer, n: usize) {
+    use stacker_proto::ws::ServerFrame;
+    let a = s.user("pipe").await;
+    let b = s.user("pipe").await;
+    let room = a.create_direct(b.user_id()).await.unwrap();
+    let mut socket = a.connect("d").await.unwrap();
+    for i in 0..n {
+        socket.send_message(room, Content::text(format!("p{i}")), Some(&format!("p{i}"))).await.unwrap();
+    }
+    let mut acks = Vec::new();
+    while acks.len() < n {
+        match socket.next_frame_within(std::time::Duration::from_secs(10)).await.unwrap() {
+            Some(ServerFrame::Ack { seq, client_msg_id, .. }) => acks.push((client_msg_id.unwrap_or_default(), seq)),
+            Some(ServerFrame::Error { code, msg }) => panic!("send refused: {code} {msg}"),
+            Some(_) => {}
+            None => panic!("only {} of {n} acks arrived", acks.len()),
+        }
+    }
+    let expected: Vec<(String, i64)> = (0..n).map(|i| (format!("p{i}"), i as i64 + 1)).collect();
+    if let Some(i) = acks.iter().zip(&expected).position(|(got, want)| got != want) {
+        let around = &acks[i.saturating_sub(2)..(i + 3).min(n)];
+        panic!("pipelined sends must be acked in order with seqs 1..={n}; first wrong at {i}: {around:?}");
+    }
+}
