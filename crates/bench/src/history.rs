@@ -60,7 +60,7 @@ pub async fn run_on(args: &HistoryArgs, server: &mut Server) -> Result<Report> {
         bail!("--max-read-time must be in (0, {MAX_DURATION_S}] seconds");
     }
     let run = util::run_id();
-    let users = setup::users(&server.base, &run, "h", 2, 2).await?;
+    let users = setup::users(server, &run, "h", 2, 2).await?;
     let room = setup::groups(std::slice::from_ref(&users), "bench-history-", 1).await?[0];
     let owner = users[0].clone();
     let mut report = Report::new("history", "stacker");
@@ -117,7 +117,7 @@ pub async fn run_on(args: &HistoryArgs, server: &mut Server) -> Result<Report> {
     let latency = Arc::new(Latency::new());
     let next = Arc::new(AtomicU64::new(0));
     let stop_at = Instant::now() + Duration::from_secs_f64(args.max_read_time);
-    let watches = Watches::start(server.pid);
+    let watches = Watches::start(&server.pids);
     let read_started = Instant::now();
     let readers: Vec<_> = (0..args.readers)
         .map(|r| {

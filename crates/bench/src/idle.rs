@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::Args;
 use futures::stream::{self, StreamExt, TryStreamExt};
+use stacker_proto::Id;
 use tokio::sync::watch;
 
 use crate::procstat::{self, round, Watches};
 use crate::report::Report;
-use crate::scenario::{Common, MAX_DURATION_S};
+use crate::scenario::{self, Common, MAX_DURATION_S};
 use crate::server::{Kind, Server};
 use crate::ws::{self, Dialer, Ws};
 use crate::{setup, util};
@@ -46,17 +47,21 @@ pub async fn run_on(args: &IdleArgs, server: &mut Server) -> Result<Report> {
     util::check_fds(args.connections, "idle")?;
     let common = &args.common;
     let run = util::run_id();
-    let users =
-        setup::users(&server.base, &run, "i", args.users.min(args.connections), common.setup_concurrency).await?;
-    let dialer = Dialer::new(Kind::Stacker, server.addr, common.source_addrs);
+    let users = setup::users(server, &run, "i", args.users.min(args.connections), common.setup_concurrency).await?;
+    let mut dialer = Dialer::new(Kind::Stacker, server.addr, common.source_addrs);
+    let ids: Vec<(Id, String)> = users.iter().map(|u| (u.id, u.token.clone())).collect();
+    let gateways = scenario::route(&mut dialer, server, &ids, common).await?;
     let mut report = Report::new("idle", "stacker");
     report.param("connections", args.connections);
     report.param("users", users.len());
     report.param("hold_s", args.hold);
     report.param("source_addrs", dialer.sources().len());
+    if let Some(gateways) = gateways {
+        report.param("users_per_gateway", gateways);
+    }
 
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = server.pid.map(procstat::sample).transpose()?;
+    let before = (!server.pids.is_empty()).then(|| procstat::sample_all(&server.pids)).transpose()?;
     let gen_before = procstat::sample(std::process::id())?;
 
     let started = Instant::now();
@@ -101,10 +106,10 @@ pub async fn run_on(args: &IdleArgs, server: &mut Server) -> Result<Report> {
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let watches = Watches::start(server.pid)?;
+    let watches = Watches::start(&server.pids)?;
     tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
     let usage = watches.finish()?;
-    let after = server.pid.map(procstat::sample).transpose()?;
+    let after = (!server.pids.is_empty()).then(|| procstat::sample_all(&server.pids)).transpose()?;
     let gen_after = procstat::sample(std::process::id())?;
     let _ = stop_tx.send(true);
     let mut closed = Vec::new();

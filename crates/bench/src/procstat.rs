@@ -1,4 +1,5 @@
-//! CPU and memory of a process, read from /proc/<pid>.
+//! CPU and memory of a process (or of every process of a cluster, summed),
+//! read from /proc/<pid>.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +25,18 @@ fn clock_ticks() -> f64 {
     } else {
         100.0
     }
+}
+
+/// One reading of several processes, CPU and RSS summed.
+pub fn sample_all(pids: &[u32]) -> Result<Sample> {
+    let at = Instant::now();
+    let (mut cpu_ticks, mut rss_kib) = (0, 0);
+    for pid in pids {
+        let s = sample(*pid)?;
+        cpu_ticks += s.cpu_ticks;
+        rss_kib += s.rss_kib;
+    }
+    Ok(Sample { at, cpu_ticks, rss_kib })
 }
 
 pub fn sample(pid: u32) -> Result<Sample> {
@@ -65,16 +78,16 @@ pub fn cpu_seconds(a: &Sample, b: &Sample) -> f64 {
 /// Watches a process over a measured window: CPU from the first to the last
 /// sample, RSS at both ends and the peak seen by a sampler every 200 ms.
 pub struct Watch {
-    pid: u32,
+    pids: Vec<u32>,
     first: Sample,
     peak_kib: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
 /// What a [`Watch`] saw.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Usage {
-    pub pid: u32,
+    pub pids: Vec<u32>,
     pub wall_s: f64,
     pub cpu_s: f64,
     /// Percent of one core over the window (200% = both cores of this machine).
@@ -87,7 +100,7 @@ pub struct Usage {
 impl Usage {
     pub fn json(&self) -> Value {
         json!({
-            "pid": self.pid,
+            "pids": self.pids,
             "wall_s": round(self.wall_s, 3),
             "cpu_s": round(self.cpu_s, 3),
             "cpu_pct_of_one_core": round(self.cpu_pct, 1),
@@ -111,15 +124,15 @@ impl Usage {
 }
 
 impl Watch {
-    pub fn start(pid: u32) -> Result<Watch> {
-        let first = sample(pid)?;
+    pub fn start(pids: Vec<u32>) -> Result<Watch> {
+        let first = sample_all(&pids)?;
         let peak_kib = Arc::new(AtomicU64::new(first.rss_kib));
         let stop = Arc::new(AtomicBool::new(false));
-        let (peak, halt) = (peak_kib.clone(), stop.clone());
+        let (peak, halt, watched) = (peak_kib.clone(), stop.clone(), pids.clone());
         tokio::spawn(async move {
             while !halt.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                match sample(pid) {
+                match sample_all(&watched) {
                     Ok(s) => {
                         peak.fetch_max(s.rss_kib, Ordering::Relaxed);
                     }
@@ -127,15 +140,15 @@ impl Watch {
                 }
             }
         });
-        Ok(Watch { pid, first, peak_kib, stop })
+        Ok(Watch { pids, first, peak_kib, stop })
     }
 
     pub fn finish(self) -> Result<Usage> {
         self.stop.store(true, Ordering::Relaxed);
-        let last = sample(self.pid)?;
+        let last = sample_all(&self.pids)?;
         let peak = self.peak_kib.load(Ordering::Relaxed).max(last.rss_kib);
         Ok(Usage {
-            pid: self.pid,
+            pids: self.pids,
             wall_s: last.at.duration_since(self.first.at).as_secs_f64(),
             cpu_s: cpu_seconds(&self.first, &last),
             cpu_pct: cpu_percent(&self.first, &last),
@@ -146,7 +159,8 @@ impl Watch {
     }
 }
 
-/// Watches the server (when its pid is known) and this generator together.
+/// Watches the server (when its pids are known: one, or every process of a
+/// cluster) and this generator together.
 pub struct Watches {
     server: Option<Watch>,
     generator: Watch,
@@ -158,8 +172,9 @@ pub struct Usages {
 }
 
 impl Watches {
-    pub fn start(server_pid: Option<u32>) -> Result<Watches> {
-        Ok(Watches { server: server_pid.map(Watch::start).transpose()?, generator: Watch::start(std::process::id())? })
+    pub fn start(server_pids: &[u32]) -> Result<Watches> {
+        let server = (!server_pids.is_empty()).then(|| Watch::start(server_pids.to_vec())).transpose()?;
+        Ok(Watches { server, generator: Watch::start(vec![std::process::id()])? })
     }
 
     pub fn finish(self) -> Result<Usages> {

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::procstat::{round, Watches};
 use crate::report::{new_histogram, Report};
-use crate::scenario::{Common, MAX_DURATION_S};
+use crate::scenario::{self, Common, MAX_DURATION_S};
 use crate::server::{Kind, Server};
 use crate::setup::{self, User};
 use crate::util;
@@ -74,7 +74,7 @@ pub async fn run_on(args: &ReconnectArgs, server: &mut Server) -> Result<Report>
     let clients = args.users * args.devices;
     util::check_fds(clients, "reconnect")?;
     let run = util::run_id();
-    let users = setup::users(&server.base, &run, "r", args.users, common.setup_concurrency).await?;
+    let users = setup::users(server, &run, "r", args.users, common.setup_concurrency).await?;
     // Rooms of room_size users; a last room of one user joins the previous one.
     let mut groups: Vec<Vec<User>> = users.chunks(args.room_size).map(<[_]>::to_vec).collect();
     if groups.len() > 1 && groups.last().is_some_and(|g| g.len() < 2) {
@@ -94,7 +94,9 @@ pub async fn run_on(args: &ReconnectArgs, server: &mut Server) -> Result<Report>
             user_index += 1;
         }
     }
-    let dialer = Dialer::new(Kind::Stacker, server.addr, common.source_addrs);
+    let mut dialer = Dialer::new(Kind::Stacker, server.addr, common.source_addrs);
+    let ids: Vec<(Id, String)> = users.iter().map(|u| (u.id, u.token.clone())).collect();
+    let gateways = scenario::route(&mut dialer, server, &ids, common).await?;
     let path = |s: &ClientSpec| format!("/api/ws?device_id=rc{}", s.device);
     let warmup = args.warmup as i64;
     let missed = args.missed as i64;
@@ -137,7 +139,7 @@ pub async fn run_on(args: &ReconnectArgs, server: &mut Server) -> Result<Report>
     send_to_rooms(&groups, &rooms, &run, "m", args.missed, args.warmup, common.setup_concurrency).await?;
 
     // Phase 2: the storm.
-    let watches = Watches::start(server.pid);
+    let watches = Watches::start(&server.pids);
     let t0 = Instant::now();
     let timeout = Duration::from_secs_f64(args.timeout);
     let gate = Arc::new(Semaphore::new(if args.storm_concurrency == 0 { clients } else { args.storm_concurrency }));
@@ -225,6 +227,9 @@ pub async fn run_on(args: &ReconnectArgs, server: &mut Server) -> Result<Report>
     report.param("sync", !args.no_sync);
     report.param("storm_concurrency", args.storm_concurrency);
     report.param("source_addrs", dialer.sources().len());
+    if let Some(gateways) = gateways {
+        report.param("users_per_gateway", gateways);
+    }
     report.count("clients", "clients reconnected and caught up", reconnected);
     report.count("missed_messages", "messages replayed (clients × missed)", (clients as u64) * missed as u64);
     report.result(

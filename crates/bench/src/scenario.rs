@@ -13,6 +13,7 @@ use crate::server::{Kind, Server, ServerArgs};
 use crate::traffic::{self, Load, MemberSpec, RoomSpec};
 use crate::ws::Dialer;
 use crate::{setup, util};
+use stacker_proto::Id;
 
 /// Longest any load phase may be asked to run.
 pub const MAX_DURATION_S: f64 = 600.0;
@@ -166,12 +167,27 @@ pub async fn traffic_scenario(shape: Shape, t: &TrafficArgs, common: &Common) ->
     Ok(reports)
 }
 
+/// Distributed mode (`--registry-url`): points each user's sockets at the
+/// gateway the registry names for them; returns how many users each got.
+pub async fn route(
+    dialer: &mut Dialer,
+    server: &Server,
+    users: &[(Id, String)],
+    common: &Common,
+) -> Result<Option<serde_json::Value>> {
+    let Some(registry) = &server.registry else { return Ok(None) };
+    let spread = dialer.route_via_registry(registry, users, common.connect_concurrency).await?;
+    Ok(Some(json!(spread)))
+}
+
 /// One run of `shape` against `server`.
 pub async fn run_shape(shape: Shape, load: &Load, common: &Common, server: &mut Server) -> Result<Report> {
     let kind = server.kind;
     let run = util::run_id();
     let rooms = build_rooms(shape, kind, server, &run, common).await?;
-    let dialer = Dialer::new(kind, server.addr, common.source_addrs);
+    let mut dialer = Dialer::new(kind, server.addr, common.source_addrs);
+    let users: Vec<(Id, String)> = rooms.iter().flat_map(|r| r.members.iter().filter_map(|m| m.user.clone())).collect();
+    let gateways = route(&mut dialer, server, &users, common).await?;
     let mut report = Report::new(shape.name(), kind.name());
     match shape {
         Shape::Direct { pairs } => report.param("pairs", pairs),
@@ -186,8 +202,11 @@ pub async fn run_shape(shape: Shape, load: &Load, common: &Common, server: &mut 
     report.param("window", load.window);
     report.param("payload_bytes", load.payload);
     report.param("source_addrs", dialer.sources().len());
+    if let Some(gateways) = gateways {
+        report.param("users_per_gateway", gateways);
+    }
 
-    let outcome = traffic::run(&dialer, &run, &rooms, load, server.pid).await;
+    let outcome = traffic::run(&dialer, &run, &rooms, load, &server.pids).await;
     let alive = server.check_alive();
     outcome?.fill(&mut report);
     if let Err(e) = alive {
@@ -200,7 +219,7 @@ async fn build_rooms(shape: Shape, kind: Kind, server: &Server, run: &str, commo
     let conc = common.setup_concurrency;
     Ok(match (shape, kind) {
         (Shape::Direct { pairs }, Kind::Stacker) => {
-            let users = setup::users(&server.base, run, "d", pairs * 2, conc).await?;
+            let users = setup::users(server, run, "d", pairs * 2, conc).await?;
             let pairs: Vec<_> = users.chunks(2).map(|c| (c[0].clone(), c[1].clone())).collect();
             let ids = setup::directs(&pairs, conc).await?;
             ids.iter()
@@ -208,8 +227,8 @@ async fn build_rooms(shape: Shape, kind: Kind, server: &Server, run: &str, commo
                 .map(|(id, (a, b))| RoomSpec {
                     key: id.0,
                     members: vec![
-                        MemberSpec { token: Some(a.token.clone()), sends: true },
-                        MemberSpec { token: Some(b.token.clone()), sends: true },
+                        MemberSpec { user: Some((a.id, a.token.clone())), sends: true },
+                        MemberSpec { user: Some((b.id, b.token.clone())), sends: true },
                     ],
                 })
                 .collect()
@@ -217,11 +236,11 @@ async fn build_rooms(shape: Shape, kind: Kind, server: &Server, run: &str, commo
         (Shape::Direct { pairs }, Kind::Baseline) => (0..pairs)
             .map(|i| RoomSpec {
                 key: i as i64 + 1,
-                members: vec![MemberSpec { token: None, sends: true }, MemberSpec { token: None, sends: true }],
+                members: vec![MemberSpec { user: None, sends: true }, MemberSpec { user: None, sends: true }],
             })
             .collect(),
         (Shape::Group { rooms, members, senders }, Kind::Stacker) => {
-            let users = setup::users(&server.base, run, "g", rooms * members, conc).await?;
+            let users = setup::users(server, run, "g", rooms * members, conc).await?;
             let groups: Vec<Vec<setup::User>> = users.chunks(members).map(<[_]>::to_vec).collect();
             let ids = setup::groups(&groups, "bench-group-", conc).await?;
             ids.iter()
@@ -231,7 +250,7 @@ async fn build_rooms(shape: Shape, kind: Kind, server: &Server, run: &str, commo
                     members: g
                         .iter()
                         .enumerate()
-                        .map(|(i, u)| MemberSpec { token: Some(u.token.clone()), sends: i < senders })
+                        .map(|(i, u)| MemberSpec { user: Some((u.id, u.token.clone())), sends: i < senders })
                         .collect(),
                 })
                 .collect()
@@ -239,7 +258,7 @@ async fn build_rooms(shape: Shape, kind: Kind, server: &Server, run: &str, commo
         (Shape::Group { rooms, members, senders }, Kind::Baseline) => (0..rooms)
             .map(|r| RoomSpec {
                 key: r as i64 + 1,
-                members: (0..members).map(|i| MemberSpec { token: None, sends: i < senders }).collect(),
+                members: (0..members).map(|i| MemberSpec { user: None, sends: i < senders }).collect(),
             })
             .collect(),
     })

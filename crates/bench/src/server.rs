@@ -22,9 +22,19 @@ pub struct ServerArgs {
     /// 127.0.0.1 port with a fresh temporary data dir, and stop it afterwards.
     #[arg(long, value_name = "PATH_TO_STACKER")]
     pub spawn: Option<PathBuf>,
-    /// Pid of the server given with --url, to report its CPU and RSS from /proc.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// Pid of the server given with --url, to report its CPU and RSS from
+    /// /proc; repeat it for every process of a cluster (their CPU and RSS are summed).
+    #[arg(long = "server-pid", value_name = "PID")]
+    pub server_pids: Vec<u32>,
+    /// Distributed mode: the registry's URL. --url is then meta's (accounts and
+    /// rooms), and each WebSocket goes to the gateway the registry names for its
+    /// user (`GET /registry/gateway/available`); sends travel over the WebSocket.
+    #[arg(long, requires = "url")]
+    pub registry_url: Option<String>,
+    /// Distributed mode: a send instance's URL, for the HTTP `send_message`
+    /// calls of the reconnect and history scenarios (default: --url).
+    #[arg(long, requires = "url")]
+    pub send_url: Option<String>,
     /// Extra environment for the spawned server (repeatable), e.g.
     /// --server-env STACKER_DELIVERY__WORKERS=2
     #[arg(long = "server-env", value_name = "KEY=VALUE")]
@@ -53,7 +63,12 @@ pub struct Server {
     /// `http://ip:port` (Stacker's API; for the baseline only its address matters).
     pub base: String,
     pub addr: SocketAddr,
-    pub pid: Option<u32>,
+    /// The processes whose CPU and RSS are reported (empty: not measured).
+    pub pids: Vec<u32>,
+    /// Distributed mode: where WebSocket clients ask for their gateway.
+    pub registry: Option<String>,
+    /// Distributed mode: where HTTP sends go (else `base`).
+    pub send_base: Option<String>,
     child: Option<Child>,
     dir: Option<PathBuf>,
     log: Option<PathBuf>,
@@ -68,8 +83,20 @@ impl Server {
         let base = args.url.clone().unwrap_or_else(|| "http://127.0.0.1:8080".into());
         let base = base.trim_end_matches('/').to_string();
         let addr = util::loopback_addr(&base)?;
-        let server =
-            Server { kind: Kind::Stacker, base, addr, pid: args.server_pid, child: None, dir: None, log: None };
+        let server = Server {
+            kind: Kind::Stacker,
+            base,
+            addr,
+            pids: args.server_pids.clone(),
+            registry: args.registry_url.as_ref().map(|r| r.trim_end_matches('/').to_string()),
+            send_base: args.send_url.as_ref().map(|r| r.trim_end_matches('/').to_string()),
+            child: None,
+            dir: None,
+            log: None,
+        };
+        for url in server.registry.iter().chain(&server.send_base) {
+            util::loopback_addr(url)?;
+        }
         server.wait_ready(Duration::from_secs(5)).await?;
         Ok(server)
     }
@@ -104,11 +131,20 @@ impl Server {
             cmd.env(k, v);
         }
         let child = cmd.spawn().with_context(|| format!("cannot start {}", path.display()))?;
-        let pid = child.id();
+        let pids = child.id().into_iter().collect();
         let base = format!("http://127.0.0.1:{port}");
         let addr = util::loopback_addr(&base)?;
-        let server =
-            Server { kind: Kind::Stacker, base, addr, pid, child: Some(child), dir: Some(dir), log: Some(log) };
+        let server = Server {
+            kind: Kind::Stacker,
+            base,
+            addr,
+            pids,
+            registry: None,
+            send_base: None,
+            child: Some(child),
+            dir: Some(dir),
+            log: Some(log),
+        };
         server.wait_ready(Duration::from_secs(60)).await?;
         Ok(server)
     }
@@ -122,7 +158,9 @@ impl Server {
                 kind: Kind::Baseline,
                 base: format!("http://{addr}"),
                 addr,
-                pid: None,
+                pids: Vec::new(),
+                registry: None,
+                send_base: None,
                 child: None,
                 dir: None,
                 log: None,
@@ -143,7 +181,9 @@ impl Server {
             kind: Kind::Baseline,
             base: format!("http://{addr}"),
             addr,
-            pid: child.id(),
+            pids: child.id().into_iter().collect(),
+            registry: None,
+            send_base: None,
             child: Some(child),
             dir: None,
             log: None,

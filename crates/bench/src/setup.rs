@@ -7,6 +7,8 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use stacker_client::{Client, ClientError};
 use stacker_proto::{Content, Id};
 
+use crate::server::Server;
+
 pub const PASSWORD: &str = "stacker-bench-password";
 
 /// A registered, logged-in user.
@@ -14,17 +16,21 @@ pub const PASSWORD: &str = "stacker-bench-password";
 pub struct User {
     pub id: Id,
     pub token: String,
+    /// Accounts, rooms, history (standalone: the server; a cluster: meta).
     pub client: Client,
+    /// `send_message` (standalone: the server; a cluster: a send instance).
+    pub sender: Client,
 }
 
 /// Registers and logs in `n` users named `b{run}{label}{i}`, `concurrency` at
 /// a time (each costs two argon2 hashes on the server).
-pub async fn users(base: &str, run: &str, label: &str, n: usize, concurrency: usize) -> Result<Vec<User>> {
+pub async fn users(server: &Server, run: &str, label: &str, n: usize, concurrency: usize) -> Result<Vec<User>> {
     let started = Instant::now();
-    let anon = Client::new(base);
+    let anon = Client::new(&server.base);
+    let send_base = server.send_base.clone().unwrap_or_else(|| server.base.clone());
     let users: Vec<User> = stream::iter(0..n)
         .map(|i| {
-            let anon = anon.clone();
+            let (anon, send_base) = (anon.clone(), &send_base);
             let name = format!("b{run}{label}{i}");
             async move {
                 retry_busy(|| anon.register(&name, PASSWORD, None))
@@ -33,7 +39,8 @@ pub async fn users(base: &str, run: &str, label: &str, n: usize, concurrency: us
                 let client =
                     retry_busy(|| anon.login(&name, PASSWORD)).await.with_context(|| format!("login {name}"))?;
                 let token = client.token().unwrap_or_default().to_string();
-                anyhow::Ok(User { id: client.user_id(), token, client })
+                let sender = client.clone().rebase(send_base);
+                anyhow::Ok(User { id: client.user_id(), token, client, sender })
             }
         })
         .buffered(concurrency.max(1))
@@ -73,7 +80,7 @@ pub async fn directs(pairs: &[(User, User)], concurrency: usize) -> Result<Vec<I
 
 /// Sends a text message over HTTP with a client_msg_id, retrying 503s.
 pub async fn send_text(user: &User, room: Id, text: &str, client_msg_id: &str) -> Result<i64> {
-    let r = retry_busy(|| user.client.send(room, Content::text(text), Some(client_msg_id)))
+    let r = retry_busy(|| user.sender.send(room, Content::text(text), Some(client_msg_id)))
         .await
         .with_context(|| format!("send {client_msg_id} to room {room}"))?;
     Ok(r.seq)

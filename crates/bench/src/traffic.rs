@@ -13,6 +13,7 @@ use anyhow::{anyhow, Result};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use futures::SinkExt;
 use hdrhistogram::Histogram;
+use stacker_proto::Id;
 use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -44,8 +45,8 @@ pub struct RoomSpec {
 }
 
 pub struct MemberSpec {
-    /// Stacker: the member's token; baseline: none.
-    pub token: Option<String>,
+    /// Stacker: the member's id and token; baseline: none.
+    pub user: Option<(Id, String)>,
     pub sends: bool,
 }
 
@@ -177,13 +178,7 @@ impl Track {
 /// Opens every member's connection, runs the load and checks the result.
 /// CPU and RSS of the server and the generator are measured from the start of
 /// sending until every connection is done.
-pub async fn run(
-    dialer: &Dialer,
-    run: &str,
-    rooms: &[RoomSpec],
-    load: &Load,
-    server_pid: Option<u32>,
-) -> Result<Outcome> {
+pub async fn run(dialer: &Dialer, run: &str, rooms: &[RoomSpec], load: &Load, server_pids: &[u32]) -> Result<Outcome> {
     let mut specs = Vec::new();
     let mut sender_count = 0u32;
     for (r, room) in rooms.iter().enumerate() {
@@ -196,7 +191,7 @@ pub async fn run(
                 Kind::Stacker => "/api/ws?device_id=bench".to_string(),
                 Kind::Baseline => format!("/?room={}", room.key),
             };
-            specs.push((r, sender, path, m.token.clone()));
+            specs.push((r, sender, path, m.user.as_ref().map(|(_, token)| token.clone())));
         }
     }
     util::check_fds(specs.len(), "this run")?;
@@ -240,7 +235,7 @@ pub async fn run(
         abort: AtomicBool::new(false),
     });
     let start_ns = now_ns() + 50_000_000;
-    let watches = Watches::start(server_pid);
+    let watches = Watches::start(server_pids);
     let tasks: Vec<_> = sockets
         .into_iter()
         .map(|(i, ws)| {

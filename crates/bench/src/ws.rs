@@ -3,13 +3,15 @@
 //! receives (only the fields the checks need).
 
 use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use futures::StreamExt;
+use futures::{stream, StreamExt, TryStreamExt};
 use serde::Deserialize;
+use stacker_client::Client;
 use stacker_proto::Id;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -27,6 +29,8 @@ pub type Ws = WebSocketStream<TcpStream>;
 /// ephemeral ports.
 pub struct Dialer {
     server: SocketAddr,
+    /// Distributed mode: the gateway of each user, by token (else `server`).
+    gateways: HashMap<String, SocketAddr>,
     sources: Vec<Ipv4Addr>,
     next: AtomicUsize,
     config: WebSocketConfig,
@@ -41,7 +45,45 @@ impl Dialer {
             .write_buffer_size(0)
             .max_write_buffer_size(1 << 20)
             .max_message_size(Some(16 << 20));
-        Dialer { server, sources: util::source_addrs(sources), next: AtomicUsize::new(0), config, kind }
+        Dialer {
+            server,
+            gateways: HashMap::new(),
+            sources: util::source_addrs(sources),
+            next: AtomicUsize::new(0),
+            config,
+            kind,
+        }
+    }
+
+    /// Distributed mode: asks the registry where each user connects, so every
+    /// later dial with that user's token goes to their gateway. Returns how many
+    /// users each gateway got.
+    pub async fn route_via_registry(
+        &mut self,
+        registry: &str,
+        users: &[(Id, String)],
+        concurrency: usize,
+    ) -> Result<BTreeMap<String, usize>> {
+        let client = Client::new(registry);
+        let found: Vec<(String, String)> = stream::iter(users)
+            .map(|(id, token)| {
+                let client = &client;
+                async move {
+                    let gw =
+                        client.available_gateway(*id).await.with_context(|| format!("registry: gateway for {id}"))?;
+                    anyhow::Ok((token.clone(), gw.ws_url))
+                }
+            })
+            .buffer_unordered(concurrency.max(1))
+            .try_collect()
+            .await?;
+        let mut spread = BTreeMap::new();
+        for (token, ws_url) in found {
+            let addr = util::loopback_addr(&ws_url)?;
+            *spread.entry(addr.to_string()).or_insert(0) += 1;
+            self.gateways.insert(token, addr);
+        }
+        Ok(spread)
     }
 
     pub fn sources(&self) -> &[Ipv4Addr] {
@@ -52,12 +94,13 @@ impl Dialer {
     pub async fn dial(&self, path: &str, bearer: Option<&str>) -> Result<Ws> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         let source = self.sources[i % self.sources.len()];
+        let server = bearer.and_then(|t| self.gateways.get(t)).copied().unwrap_or(self.server);
         let fut = async {
             let socket = TcpSocket::new_v4()?;
             socket.bind(SocketAddr::new(source.into(), 0)).with_context(|| format!("bind {source}:0"))?;
-            let stream = socket.connect(self.server).await.with_context(|| format!("connect {}", self.server))?;
+            let stream = socket.connect(server).await.with_context(|| format!("connect {server}"))?;
             stream.set_nodelay(true)?;
-            let mut request = format!("ws://{}{}", self.server, path).into_client_request()?;
+            let mut request = format!("ws://{server}{path}").into_client_request()?;
             if let Some(token) = bearer {
                 request.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
             }

@@ -121,6 +121,12 @@ impl Client {
             .ok_or_else(|| ClientError::Protocol(format!("{path}: no data")))
     }
 
+    /// Distributed mode, on a client whose base URL is the registry: the
+    /// gateway `user` should connect to.
+    pub async fn available_gateway(&self, user: Id) -> Result<AvailableGatewayResponse> {
+        self.get(&format!("/registry/gateway/available?user_id={user}")).await
+    }
+
     pub async fn register(&self, username: &str, password: &str, nickname: Option<&str>) -> Result<Id> {
         let req = RegisterRequest {
             username: username.into(),

@@ -257,3 +257,11 @@ pub struct ChatMessage {
     pub content: Content,
     pub created_at: i64,
 }
+
+/// `GET /registry/gateway/available?user_id=` (distributed mode): where the
+/// user should open their WebSocket.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AvailableGatewayResponse {
+    pub gateway_id: String,
+    pub ws_url: String,
+}

@@ -389,19 +389,13 @@ struct AvailableQuery {
     user_id: Option<Id>,
 }
 
-#[derive(Serialize, Deserialize)]
-pub struct AvailableResponse {
-    pub gateway_id: String,
-    pub ws_url: String,
-}
-
 /// Public: where a client should connect.
 async fn gateway_available(
     State(s): State<Shared>,
     crate::http::Params(q): crate::http::Params<AvailableQuery>,
-) -> ApiResult<AvailableResponse> {
+) -> ApiResult<stacker_proto::http::AvailableGatewayResponse> {
     match s.redis.pick_gateway(q.user_id.map(|id| id.0)).await? {
-        Some(gw) => ok(AvailableResponse { gateway_id: gw.id, ws_url: gw.ws_url }),
+        Some(gw) => ok(stacker_proto::http::AvailableGatewayResponse { gateway_id: gw.id, ws_url: gw.ws_url }),
         None => Err(ApiError(Error::Unavailable("no gateway with free capacity is alive".into()))),
     }
 }
