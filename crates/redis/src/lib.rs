@@ -225,7 +225,14 @@ impl Registry for RedisCluster {
                 }
             }
         }
-        Ok(self.live_gateways().await?.into_iter().find(GatewayInfo::has_room))
+        let Some(pick) = self.live_gateways().await?.into_iter().find(GatewayInfo::has_room) else { return Ok(None) };
+        // Count the placement in the ranking until the gateway's next heartbeat
+        // reports its real load; otherwise every client asking between two
+        // heartbeats would be sent to the same gateway.
+        let mut conn = self.conn.clone();
+        let step = 1.0 / pick.capacity.max(1) as f64;
+        observe("pick_gateway", conn.zincr::<_, _, _, f64>(self.key("gw:rank".to_string()), &pick.id, step)).await?;
+        Ok(Some(pick))
     }
 
     async fn route_connected(&self, user: UserId, gateway: &str) -> Result<()> {

@@ -260,3 +260,23 @@ async fn member_cache_reads_through_redis_and_sees_other_processes_changes() {
     c.delete_all_keys().await.unwrap();
     db.drop_database().await;
 }
+
+/// Clients asking between two heartbeats are spread, not all sent to the
+/// gateway that was least loaded at the last heartbeat; a heartbeat then
+/// puts back the real load.
+#[tokio::test]
+async fn placements_count_until_the_next_heartbeat() {
+    let Some(c) = cluster().await else { return };
+    c.heartbeat_gateway(&gw("x", 0, 10), TTL).await.unwrap();
+    c.heartbeat_gateway(&gw("y", 0, 10), TTL).await.unwrap();
+    let mut placed: std::collections::HashMap<String, usize> = Default::default();
+    for _ in 0..10 {
+        *placed.entry(c.pick_gateway(None).await.unwrap().unwrap().id).or_default() += 1;
+    }
+    assert_eq!((placed["x"], placed["y"]), (5, 5), "{placed:?}");
+    c.heartbeat_gateway(&gw("x", 6, 10), TTL).await.unwrap();
+    assert_eq!(c.pick_gateway(None).await.unwrap().unwrap().id, "y", "x reports 6 connections, y counts 5 placed");
+    c.heartbeat_gateway(&gw("y", 8, 10), TTL).await.unwrap();
+    assert_eq!(c.pick_gateway(None).await.unwrap().unwrap().id, "x", "y reports 8");
+    c.delete_all_keys().await.unwrap();
+}
