@@ -100,6 +100,8 @@ pub enum BusPush {
 pub trait Bus: Send + Sync {
     /// Appends an entry to `gateway`'s stream (trimmed to a bounded length).
     async fn publish(&self, gateway: &str, entry: &BusEntry) -> Result<()>;
+    /// Appends each `(gateway, entry)` in order, in one round trip.
+    async fn publish_many(&self, entries: &[(String, BusEntry)]) -> Result<()>;
     /// New entries for `consumer` of `gateway`'s group, waiting up to `block`.
     async fn consume(
         &self,

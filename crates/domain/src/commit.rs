@@ -146,11 +146,7 @@ async fn fan_out(fanout: Arc<dyn Fanout>, mut committed: mpsc::Receiver<Committe
     while let Some(batch) = committed.recv().await {
         let answered = match batch {
             Committed::Stored(outcomes) => {
-                // A duplicate is acknowledged again (the client is retrying) but was
-                // pushed when it was first stored.
-                for outcome in &outcomes {
-                    fanout.message_stored(outcome.message(), matches!(outcome, Appended::Stored(_))).await;
-                }
+                fanout.batch_stored(&outcomes).await;
                 outcomes.len()
             }
             Committed::Failed(n) => n,

@@ -5,13 +5,21 @@
 use async_trait::async_trait;
 use stacker_proto::ws::Event;
 
-use crate::model::{Message, RoomId, UserId};
+use crate::model::{Appended, Message, RoomId, UserId};
 
 #[async_trait]
 pub trait Fanout: Send + Sync {
     /// A message is stored: acknowledge it to the sender's devices and, when
     /// `push` is set, push it to the room's online members.
     async fn message_stored(&self, message: &Message, push: bool);
+
+    /// A committed batch, in seq order: [`message_stored`](Self::message_stored)
+    /// for each (a duplicate is acknowledged again but not pushed again).
+    async fn batch_stored(&self, outcomes: &[Appended]) {
+        for outcome in outcomes {
+            self.message_stored(outcome.message(), matches!(outcome, Appended::Stored(_))).await;
+        }
+    }
 
     /// Membership of `room` changed (`removed`: who lost access, if anyone).
     async fn membership_changed(&self, room: RoomId, removed: Option<UserId>);

@@ -366,6 +366,17 @@ impl Bus for RedisCluster {
             .map(|_| ())
     }
 
+    async fn publish_many(&self, entries: &[(String, BusEntry)]) -> Result<()> {
+        let max = redis::streams::StreamMaxlen::Approx(self.options.stream_max_len);
+        let mut pipe = redis::pipe();
+        for (gateway, entry) in entries {
+            let json = serde_json::to_vec(entry).map_err(|e| Error::Internal(e.to_string()))?;
+            pipe.xadd_maxlen(self.stream(gateway), max, "*", &[("e", json)]).ignore();
+        }
+        let mut conn = self.conn.clone();
+        observe("publish", pipe.query_async::<()>(&mut conn)).await
+    }
+
     async fn consume(
         &self,
         gateway: &str,

@@ -280,3 +280,22 @@ async fn placements_count_until_the_next_heartbeat() {
     assert_eq!(c.pick_gateway(None).await.unwrap().unwrap().id, "x", "y reports 8");
     c.delete_all_keys().await.unwrap();
 }
+
+/// A pipelined batch lands on each gateway's stream in the order given.
+#[tokio::test]
+async fn publish_many_keeps_order_per_stream() {
+    let Some(c) = cluster().await else { return };
+    let entry = |seq: i64| BusEntry {
+        users: vec![seq],
+        push: BusPush::Message { room: 9, seq, frame: format!("{{\"seq\":{seq}}}") },
+        hops: 0,
+    };
+    let batch: Vec<(String, BusEntry)> =
+        (1..=6).map(|seq| (if seq % 2 == 0 { "even" } else { "odd" }.to_string(), entry(seq))).collect();
+    c.publish_many(&batch).await.unwrap();
+    for (gw, want) in [("odd", [1, 3, 5]), ("even", [2, 4, 6])] {
+        let got = c.consume(gw, gw, 10, Duration::from_millis(100)).await.unwrap();
+        assert_eq!(got.into_iter().map(|(_, e)| e).collect::<Vec<_>>(), want.map(entry).to_vec());
+    }
+    c.delete_all_keys().await.unwrap();
+}

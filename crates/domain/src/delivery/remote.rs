@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Frame, Hub, MemberCache, Push};
 use crate::cluster::{Bus, BusEntry, BusPush, Registry};
 use crate::fanout::Fanout;
-use crate::model::{Message, RoomId, UserId};
+use crate::model::{Appended, Message, RoomId, UserId};
 use crate::Result;
 
 /// Publishes pushes to the recipients' gateways.
@@ -65,7 +65,9 @@ impl BusFanout {
         Ok(by_gateway)
     }
 
-    async fn publish(&self, users: &[UserId], push: BusPush) {
+    /// The stream entries that carry `push` to `users`: one per gateway and
+    /// batch of recipients, appended to `out`.
+    async fn entries(&self, users: &[UserId], push: BusPush, out: &mut Vec<(String, BusEntry)>) {
         let by_gateway = match self.gateways_of(users).await {
             Ok(m) => m,
             Err(e) => {
@@ -76,13 +78,46 @@ impl BusFanout {
         };
         for (gateway, users) in by_gateway {
             for batch in users.chunks(self.batch_size) {
-                let entry = BusEntry { users: batch.to_vec(), push: push.clone(), hops: 0 };
-                if let Err(e) = self.bus.publish(&gateway, &entry).await {
-                    tracing::warn!(%gateway, error = %e, "publish failed; recipients catch up from the store");
-                    metrics::counter!("stacker_dispatch_failures_total").increment(1);
-                }
+                out.push((gateway.clone(), BusEntry { users: batch.to_vec(), push: push.clone(), hops: 0 }));
             }
         }
+    }
+
+    /// Appends `entries` to their streams, in order, in one round trip.
+    async fn send(&self, entries: &[(String, BusEntry)]) {
+        if entries.is_empty() {
+            return;
+        }
+        if let Err(e) = self.bus.publish_many(entries).await {
+            tracing::warn!(error = %e, entries = entries.len(), "publish failed; recipients catch up from the store");
+            metrics::counter!("stacker_dispatch_failures_total").increment(1);
+        }
+    }
+
+    async fn publish(&self, users: &[UserId], push: BusPush) {
+        let mut out = Vec::new();
+        self.entries(users, push, &mut out).await;
+        self.send(&out).await;
+    }
+
+    /// The ack for the sender and, if `push`, the message for the room's members.
+    async fn message_entries(&self, message: &Message, push: bool, out: &mut Vec<(String, BusEntry)>) {
+        let ack = super::ack_frame(message);
+        self.entries(&[message.sender_id], BusPush::Frame { frame: text(&ack) }, out).await;
+        if !push {
+            return;
+        }
+        let members = match self.members.get(message.room_id).await {
+            Ok(m) => m.ids().clone(),
+            Err(e) => {
+                tracing::warn!(room = message.room_id, error = %e, "cannot load members; skipping live push");
+                return;
+            }
+        };
+        let frame = Frame::encode(&ServerFrame::Chat(ChatMessage::from(message)));
+        let push = BusPush::Message { room: message.room_id, seq: message.seq, frame: text(&frame) };
+        self.entries(&members, push, out).await;
+        metrics::counter!("stacker_pushes_total").increment(members.len() as u64);
     }
 
     /// Forgets cached routes of these users (they connected somewhere new).
@@ -100,21 +135,19 @@ fn text(frame: &Frame) -> String {
 #[async_trait]
 impl Fanout for BusFanout {
     async fn message_stored(&self, message: &Message, push: bool) {
-        let ack = super::ack_frame(message);
-        self.publish(&[message.sender_id], BusPush::Frame { frame: text(&ack) }).await;
-        if !push {
-            return;
+        let mut out = Vec::new();
+        self.message_entries(message, push, &mut out).await;
+        self.send(&out).await;
+    }
+
+    /// A whole committed batch in one pipelined round trip to Redis (entries
+    /// stay in seq order on each stream).
+    async fn batch_stored(&self, outcomes: &[Appended]) {
+        let mut out = Vec::new();
+        for outcome in outcomes {
+            self.message_entries(outcome.message(), matches!(outcome, Appended::Stored(_)), &mut out).await;
         }
-        let members = match self.members.get(message.room_id).await {
-            Ok(m) => m.ids().clone(),
-            Err(e) => {
-                tracing::warn!(room = message.room_id, error = %e, "cannot load members; skipping live push");
-                return;
-            }
-        };
-        let frame = Frame::encode(&ServerFrame::Chat(ChatMessage::from(message)));
-        self.publish(&members, BusPush::Message { room: message.room_id, seq: message.seq, frame: text(&frame) }).await;
-        metrics::counter!("stacker_pushes_total").increment(members.len() as u64);
+        self.send(&out).await;
     }
 
     async fn membership_changed(&self, room: RoomId, removed: Option<UserId>) {
