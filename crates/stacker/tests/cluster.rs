@@ -62,7 +62,8 @@ impl Cluster {
             ("STACKER_CLUSTER__REDIS_PREFIX", prefix),
             ("STACKER_CLUSTER__INTERNAL_SECRET", SECRET.to_string()),
             ("STACKER_CLUSTER__HEARTBEAT_MS", "200".to_string()),
-            ("STACKER_CLUSTER__GATEWAY_TTL_MS", "800".to_string()),
+            // Generous for a loaded CI machine (four clusters and a build share 2 cores).
+            ("STACKER_CLUSTER__GATEWAY_TTL_MS", "2000".to_string()),
             ("STACKER_CLUSTER__FLUSH_INTERVAL_MS", "300".to_string()),
             ("STACKER_AUTH__JWT_SECRET", "cluster-test-jwt-secret-of-32-bytes!!".to_string()),
             ("STACKER_DATA_DIR", data_dir.display().to_string()),
