@@ -325,15 +325,22 @@ impl MessageStore for SqlStore {
                     limit,
                     true,
                 ),
+                // Seqs are gapless, so a page is a closed seq range: an index range
+                // on every database (MariaDB turns an open `seq < ?` with ORDER BY
+                // … LIMIT into a scan of every newer message of the room).
                 HistoryPage::Before { seq, limit } => (
-                    format!("SELECT {cols} FROM messages WHERE room_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"),
-                    Some(seq),
+                    format!(
+                        "SELECT {cols} FROM messages WHERE room_id = ? AND seq >= ? AND seq < ? ORDER BY seq DESC LIMIT ?"
+                    ),
+                    Some((seq - i64::from(limit), seq)),
                     limit,
                     true,
                 ),
                 HistoryPage::After { seq, limit } => (
-                    format!("SELECT {cols} FROM messages WHERE room_id = ? AND seq > ? ORDER BY seq ASC LIMIT ?"),
-                    Some(seq),
+                    format!(
+                        "SELECT {cols} FROM messages WHERE room_id = ? AND seq > ? AND seq <= ? ORDER BY seq ASC LIMIT ?"
+                    ),
+                    Some((seq, seq.saturating_add(i64::from(limit)))),
                     limit,
                     false,
                 ),
@@ -341,10 +348,25 @@ impl MessageStore for SqlStore {
             if limit == 0 {
                 return Ok(Vec::new());
             }
+            // A `before_seq` past the newest message pages back from the newest.
+            let bound = match (page, bound) {
+                (HistoryPage::Before { seq, limit }, Some(_)) => {
+                    let last_sql = self.sql("SELECT last_seq FROM rooms WHERE id = ?");
+                    let row = sqlx::query(&last_sql)
+                        .bind(room)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(|e| map_err(OP, e))?;
+                    let Some(row) = row else { return Ok(Vec::new()) };
+                    let high = seq.min(rows::int(&row, 0)? + 1);
+                    Some((high - i64::from(limit), high))
+                }
+                (_, bound) => bound,
+            };
             let sql = self.sql_owned(sql);
             let mut query = sqlx::query(&sql).bind(room);
-            if let Some(seq) = bound {
-                query = query.bind(seq);
+            if let Some((low, high)) = bound {
+                query = query.bind(low).bind(high);
             }
             let found = query.bind(i64::from(limit)).fetch_all(&self.pool).await.map_err(|e| map_err(OP, e))?;
             let mut messages = found.iter().map(|r| rows::message(r, 0)).collect::<Result<Vec<_>>>()?;
