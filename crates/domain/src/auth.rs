@@ -4,7 +4,7 @@ use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, Pass
 use argon2::Argon2;
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
@@ -14,19 +14,26 @@ use crate::{clock::now_ms, Error, Result};
 /// Each argon2 run holds 19 MiB (the default m_cost) and a core: at most one
 /// per core runs at once, so a burst of registrations or logins queues here
 /// instead of growing memory by 19 MiB per request.
-static HASHING: LazyLock<Semaphore> =
-    LazyLock::new(|| Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)));
+static HASHING: LazyLock<Arc<Semaphore>> =
+    LazyLock::new(|| Arc::new(Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))));
 
 /// How long a request waits for a hashing slot before it is told to retry.
 const HASHING_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs `work` on the blocking pool once a hashing slot is free.
 async fn with_hashing_slot<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    let _slot = tokio::time::timeout(HASHING_WAIT, HASHING.acquire())
+    let slot = tokio::time::timeout(HASHING_WAIT, HASHING.clone().acquire_owned())
         .await
         .map_err(|_| Error::Unavailable("too many logins and registrations at once; retry shortly".into()))?
         .map_err(|_| Error::Internal("hashing semaphore closed".into()))?;
-    tokio::task::spawn_blocking(work).await.map_err(|e| Error::Internal(format!("hash task: {e}")))
+    // The slot travels with the hash: a request that is dropped meanwhile does
+    // not free it while argon2 still runs.
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        work()
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("hash task: {e}")))
 }
 
 /// Hashes a password with argon2id on the blocking pool.

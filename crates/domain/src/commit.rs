@@ -95,7 +95,7 @@ impl GroupCommitter {
         let (reply, done) = oneshot::channel();
         // Counted until a writer has answered it, even if our caller goes away.
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let queue = &self.queues[(message.room_id as u64 % self.queues.len() as u64) as usize];
+        let queue = &self.queues[crate::ids::bucket(message.room_id, self.queues.len())];
         if queue.send_timeout(Pending { message, reply }, self.enqueue_timeout).await.is_err() {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             metrics::counter!("stacker_commit_rejected_total").increment(1);

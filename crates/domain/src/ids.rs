@@ -42,8 +42,25 @@ impl IdGenerator {
     }
 }
 
+/// Spreads snowflake ids evenly over `n` buckets (writers, workers, stripes).
+/// `id % n` would not: the low bits are the within-millisecond counter, which
+/// is 0 for nearly every id made at ordinary rates.
+pub fn bucket(id: i64, n: usize) -> usize {
+    (((id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % n.max(1) as u64) as usize
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn buckets_spread_ids_whose_low_bits_are_zero() {
+        // One node, one id per millisecond: the within-millisecond counter is 0.
+        let mut counts = [0usize; 4];
+        for ms in 0..4000i64 {
+            counts[super::bucket((ms << 22) | (1 << 12), 4)] += 1;
+        }
+        assert!(counts.iter().all(|c| *c > 800), "{counts:?}");
+    }
+
     use super::*;
     use std::collections::HashSet;
 

@@ -106,6 +106,8 @@ pub trait SharedMemberCache: Send + Sync {
 /// Version stripes of the in-process tier (rooms share a stripe by hash; a
 /// change in one costs its stripe-mates one extra load, never a stale read).
 const STRIPES: usize = 1024;
+/// Loads retried because a change landed meanwhile, before one is served uncached.
+const MAX_RELOADS: usize = 3;
 
 /// Read-through member cache: in-process, then the shared tier if any, then the store.
 pub struct MemberCache {
@@ -126,12 +128,12 @@ impl MemberCache {
     }
 
     fn stripe(&self, room: RoomId) -> &AtomicU64 {
-        &self.versions[(room as u64 as usize) % STRIPES]
+        &self.versions[crate::ids::bucket(room, STRIPES)]
     }
 
     /// The room's members; 404 if the room does not exist.
     pub async fn get(&self, room: RoomId) -> Result<Arc<RoomMembers>> {
-        loop {
+        for _ in 0..MAX_RELOADS {
             let version = self.stripe(room).load(Ordering::Acquire);
             let (members, loaded_at) = self
                 .local
@@ -147,6 +149,8 @@ impl MemberCache {
             // Loaded before a change to this stripe: it may miss the change.
             self.local.invalidate(&room).await;
         }
+        // Changes keep landing in this stripe: serve a fresh load uncached.
+        Ok(Arc::new(self.load(room).await?))
     }
 
     async fn load(&self, room: RoomId) -> Result<RoomMembers> {
@@ -191,10 +195,10 @@ impl MemberCache {
         Ok(self.member(room, user).await?.is_some())
     }
 
-    /// Forgets a room's members after a change was written to the store.
+    /// Forgets a room's members after a change was written to the store. The
+    /// shared tier goes first: a local load in between that still read the old
+    /// shared list is caught by the version bump that follows.
     pub async fn invalidate(&self, room: RoomId) {
-        self.stripe(room).fetch_add(1, Ordering::AcqRel);
-        self.local.invalidate(&room).await;
         if let Some(shared) = &self.shared {
             if let Err(e) = shared.invalidate(room).await {
                 // Other processes keep their lists until the shared entry's TTL.
@@ -202,5 +206,7 @@ impl MemberCache {
                 metrics::counter!("stacker_member_cache_invalidate_failures_total").increment(1);
             }
         }
+        self.stripe(room).fetch_add(1, Ordering::AcqRel);
+        self.local.invalidate(&room).await;
     }
 }

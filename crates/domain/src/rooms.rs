@@ -392,6 +392,10 @@ impl Rooms {
         if !self.store.decide_join_request(request_id, approve, member.as_ref()).await? {
             return Err(Error::conflict("this join request was already answered"));
         }
+        if approve {
+            // Before anyone is told: the new member may post at once.
+            self.members.invalidate(request.room_id).await;
+        }
         request.status = if approve { JoinRequestStatus::Approved } else { JoinRequestStatus::Rejected };
         let kind = if approve { EventKind::JoinApproved } else { EventKind::JoinRejected };
         let data = json!({ "request_id": request.id.to_string() });

@@ -231,7 +231,11 @@ impl Registry for RedisCluster {
         // heartbeats would be sent to the same gateway.
         let mut conn = self.conn.clone();
         let step = 1.0 / pick.capacity.max(1) as f64;
-        observe("pick_gateway", conn.zincr::<_, _, _, f64>(self.key("gw:rank".to_string()), &pick.id, step)).await?;
+        if let Err(e) =
+            observe("pick_gateway", conn.zincr::<_, _, _, f64>(self.key("gw:rank".to_string()), &pick.id, step)).await
+        {
+            tracing::warn!(gateway = %pick.id, error = %e, "cannot count the placement; the next heartbeat corrects the load");
+        }
         Ok(Some(pick))
     }
 

@@ -66,8 +66,8 @@ impl Dispatcher {
                 range: start..(start + self.batch_size).min(members.len()),
                 queued_at: Instant::now(),
             };
-            let worker = (message.room_id as u64).wrapping_add(k as u64) % workers as u64;
-            if self.queues[worker as usize].send(job).await.is_err() {
+            let worker = (crate::ids::bucket(message.room_id, workers) + k) % workers;
+            if self.queues[worker].send(job).await.is_err() {
                 return; // shutting down
             }
         }
