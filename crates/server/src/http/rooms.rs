@@ -1,3 +1,5 @@
+use std::future::Future;
+
 use axum::extract::State;
 use serde::Deserialize;
 use stacker_domain::rooms::NewRoom;
@@ -11,15 +13,27 @@ fn ids(list: &[Id]) -> Vec<i64> {
     list.iter().map(|id| id.0).collect()
 }
 
+/// Runs a membership change to completion even if the client goes away: its
+/// store write and the member-cache invalidation after it must not be split
+/// by a dropped request (the cache decides who may post).
+async fn to_completion<T: Send + 'static>(
+    change: impl Future<Output = stacker_domain::Result<T>> + Send + 'static,
+) -> stacker_domain::Result<T> {
+    tokio::spawn(change).await.map_err(|e| stacker_domain::Error::Internal(format!("membership change task: {e}")))?
+}
+
 pub async fn create(
     State(app): State<AppState>,
     Caller(me): Caller,
     Body(req): Body<CreateRoomRequest>,
 ) -> ApiResult<RoomIdResponse> {
-    let member_ids = ids(&req.member_ids);
-    let new =
-        NewRoom { name: &req.name, is_group: req.is_group, member_ids: &member_ids, join_policy: req.join_policy };
-    let room_id = app.rooms.create(me, new).await?;
+    let room_id = to_completion(async move {
+        let member_ids = ids(&req.member_ids);
+        let new =
+            NewRoom { name: &req.name, is_group: req.is_group, member_ids: &member_ids, join_policy: req.join_policy };
+        app.rooms.create(me, new).await
+    })
+    .await?;
     ok(RoomIdResponse { room_id: room_id.into() })
 }
 
@@ -28,7 +42,8 @@ pub async fn add_member(
     Caller(me): Caller,
     Body(req): Body<AddMemberRequest>,
 ) -> ApiResult<AddedMembersResponse> {
-    let added = app.rooms.add_members(me, req.room_id.0, &[req.member_id.0]).await?;
+    let added =
+        to_completion(async move { app.rooms.add_members(me, req.room_id.0, &[req.member_id.0]).await }).await?;
     ok(AddedMembersResponse { added: added.into_iter().map(Id).collect() })
 }
 
@@ -37,7 +52,8 @@ pub async fn add_members(
     Caller(me): Caller,
     Body(req): Body<AddMembersRequest>,
 ) -> ApiResult<AddedMembersResponse> {
-    let added = app.rooms.add_members(me, req.room_id.0, &ids(&req.member_ids)).await?;
+    let added =
+        to_completion(async move { app.rooms.add_members(me, req.room_id.0, &ids(&req.member_ids)).await }).await?;
     ok(AddedMembersResponse { added: added.into_iter().map(Id).collect() })
 }
 
@@ -46,12 +62,12 @@ pub async fn remove_member(
     Caller(me): Caller,
     Body(req): Body<TargetRequest>,
 ) -> ApiResult<()> {
-    app.rooms.remove_member(me, req.room_id.0, req.target_user_id.0).await?;
+    to_completion(async move { app.rooms.remove_member(me, req.room_id.0, req.target_user_id.0).await }).await?;
     done()
 }
 
 pub async fn leave(State(app): State<AppState>, Caller(me): Caller, Body(req): Body<RoomRequest>) -> ApiResult<()> {
-    app.rooms.leave(me, req.room_id.0).await?;
+    to_completion(async move { app.rooms.leave(me, req.room_id.0).await }).await?;
     done()
 }
 
@@ -69,7 +85,8 @@ pub async fn change_member_role(
     Caller(me): Caller,
     Body(req): Body<ChangeMemberRoleRequest>,
 ) -> ApiResult<()> {
-    app.rooms.change_role(me, req.room_id.0, req.target_user_id.0, req.new_role).await?;
+    to_completion(async move { app.rooms.change_role(me, req.room_id.0, req.target_user_id.0, req.new_role).await })
+        .await?;
     done()
 }
 
@@ -78,12 +95,12 @@ pub async fn mute_member(
     Caller(me): Caller,
     Body(req): Body<MuteMemberRequest>,
 ) -> ApiResult<()> {
-    app.rooms.mute(me, req.room_id.0, req.target_user_id.0, req.until).await?;
+    to_completion(async move { app.rooms.mute(me, req.room_id.0, req.target_user_id.0, req.until).await }).await?;
     done()
 }
 
 pub async fn join(State(app): State<AppState>, Caller(me): Caller, Body(req): Body<RoomRequest>) -> ApiResult<()> {
-    app.rooms.join(me, req.room_id.0).await?;
+    to_completion(async move { app.rooms.join(me, req.room_id.0).await }).await?;
     done()
 }
 
@@ -115,7 +132,7 @@ pub async fn join_respond(
     Caller(me): Caller,
     Body(req): Body<JoinRespondRequest>,
 ) -> ApiResult<JoinRequestView> {
-    let request = app.rooms.respond(me, req.request_id.0, req.approve).await?;
+    let request = to_completion(async move { app.rooms.respond(me, req.request_id.0, req.approve).await }).await?;
     ok(views::join_request(&request))
 }
 
