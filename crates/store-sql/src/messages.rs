@@ -318,29 +318,24 @@ impl MessageStore for SqlStore {
         const OP: &str = "history";
         observe(OP, async {
             let cols = rows::message_cols("");
-            let (sql, bound, limit, newest_first) = match page {
-                HistoryPage::Latest { limit } => (
-                    format!("SELECT {cols} FROM messages WHERE room_id = ? ORDER BY seq DESC LIMIT ?"),
-                    None,
-                    limit,
-                    true,
-                ),
-                // Seqs are gapless, so a page is a closed seq range: an index range
-                // on every database (MariaDB turns an open `seq < ?` with ORDER BY
-                // … LIMIT into a scan of every newer message of the room).
-                HistoryPage::Before { seq, limit } => (
+            // Seqs are gapless, so a page after or before a seq is a closed seq
+            // range: an index range on every database (MariaDB turns an open
+            // `seq < ?` with ORDER BY … LIMIT into a scan of every newer message).
+            let (sql, limit, newest_first) = match page {
+                HistoryPage::Latest { limit } => {
+                    (format!("SELECT {cols} FROM messages WHERE room_id = ? ORDER BY seq DESC LIMIT ?"), limit, true)
+                }
+                HistoryPage::Before { limit, .. } => (
                     format!(
                         "SELECT {cols} FROM messages WHERE room_id = ? AND seq >= ? AND seq < ? ORDER BY seq DESC LIMIT ?"
                     ),
-                    Some((seq - i64::from(limit), seq)),
                     limit,
                     true,
                 ),
-                HistoryPage::After { seq, limit } => (
+                HistoryPage::After { limit, .. } => (
                     format!(
                         "SELECT {cols} FROM messages WHERE room_id = ? AND seq > ? AND seq <= ? ORDER BY seq ASC LIMIT ?"
                     ),
-                    Some((seq, seq.saturating_add(i64::from(limit)))),
                     limit,
                     false,
                 ),
@@ -348,9 +343,10 @@ impl MessageStore for SqlStore {
             if limit == 0 {
                 return Ok(Vec::new());
             }
-            // A `before_seq` past the newest message pages back from the newest.
-            let bound = match (page, bound) {
-                (HistoryPage::Before { seq, limit }, Some(_)) => {
+            let bound = match page {
+                HistoryPage::Latest { .. } => None,
+                // A `before_seq` past the newest message pages back from the newest.
+                HistoryPage::Before { seq, limit } => {
                     let last_sql = self.sql("SELECT last_seq FROM rooms WHERE id = ?");
                     let row = sqlx::query(&last_sql)
                         .bind(room)
@@ -361,7 +357,7 @@ impl MessageStore for SqlStore {
                     let high = seq.min(rows::int(&row, 0)? + 1);
                     Some((high - i64::from(limit), high))
                 }
-                (_, bound) => bound,
+                HistoryPage::After { seq, limit } => Some((seq, seq.saturating_add(i64::from(limit)))),
             };
             let sql = self.sql_owned(sql);
             let mut query = sqlx::query(&sql).bind(room);
