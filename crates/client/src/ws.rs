@@ -118,6 +118,32 @@ impl Socket {
         tokio::time::timeout(timeout, self.next_frame()).await.unwrap_or(Ok(None))
     }
 
+    /// Reads frames until `n` chat messages of `room` (live or in `batch`
+    /// frames) arrived, for at most `timeout`; returns their seqs in arrival
+    /// order. A close or the timeout first is an error saying how many came.
+    pub async fn room_seqs(&mut self, room: Id, n: usize, timeout: Duration) -> Result<Vec<i64>> {
+        let mut seqs = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while seqs.len() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_frame_within(left).await? {
+                Some(ServerFrame::Chat(m)) if m.room_id == room => seqs.push(m.seq),
+                Some(ServerFrame::Batch { messages }) => {
+                    seqs.extend(messages.iter().filter(|m| m.room_id == room).map(|m| m.seq))
+                }
+                Some(_) => {}
+                None => {
+                    return Err(ClientError::Protocol(format!(
+                        "stream ended or timed out after {} of {n} messages (close: {:?})",
+                        seqs.len(),
+                        self.closed
+                    )))
+                }
+            }
+        }
+        Ok(seqs)
+    }
+
     pub async fn send_frame(&mut self, frame: &ClientFrame) -> Result<()> {
         let text = serde_json::to_string(frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.send_raw(Message::text(text)).await

@@ -18,20 +18,7 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Reads frames until `n` chat messages (live or batched) of `room` arrived;
 /// returns their seqs in arrival order.
 async fn collect_seqs(socket: &mut Socket, room: Id, n: usize) -> Vec<i64> {
-    let mut seqs = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while seqs.len() < n {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match socket.next_frame_within(left).await.unwrap() {
-            Some(ServerFrame::Chat(m)) if m.room_id == room => seqs.push(m.seq),
-            Some(ServerFrame::Batch { messages }) => {
-                seqs.extend(messages.iter().filter(|m| m.room_id == room).map(|m| m.seq))
-            }
-            Some(_) => {}
-            None => panic!("stream ended after {} of {n} messages (close: {:?})", seqs.len(), socket.closed),
-        }
-    }
-    seqs
+    socket.room_seqs(room, n, Duration::from_secs(60)).await.unwrap()
 }
 
 /// Collects `n` distinct messages of `room` through a subscriber.

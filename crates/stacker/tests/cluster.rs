@@ -131,34 +131,34 @@ impl Cluster {
         self.procs[i].url()
     }
 
-    /// Asks the registry where `user` should connect.
-    async fn available(&self, user: Id) -> Result<(String, String), u16> {
-        let resp = reqwest::get(format!("{}/registry/gateway/available?user_id={user}", self.registry)).await.unwrap();
-        let status = resp.status().as_u16();
-        let body: Value = resp.json().await.unwrap();
-        if status != 200 {
-            return Err(status);
-        }
-        let data = &body["data"];
-        Ok((data["gateway_id"].as_str().unwrap().to_string(), data["ws_url"].as_str().unwrap().to_string()))
+    /// Asks the registry where `user` should connect: (gateway id, WebSocket URL).
+    async fn available(&self, user: Id) -> Result<(String, String), stacker_client::ClientError> {
+        let gw = Client::new(&self.registry).available_gateway(user).await?;
+        Ok((gw.gateway_id, gw.ws_url))
+    }
+
+    /// How many send instances the registry lists as live.
+    async fn live_sends(&self) -> usize {
+        let v = self.internal_get("/registry/instances?kind=send").await;
+        v["data"]["instances"].as_array().map(Vec::len).unwrap_or(0)
+    }
+
+    /// GET an internal registry endpoint with the credential; the JSON body.
+    async fn internal_get(&self, path: &str) -> Value {
+        reqwest::Client::new()
+            .get(format!("{}{path}", self.registry))
+            .header("x-stacker-internal", SECRET)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 }
 
 async fn collect(socket: &mut Socket, room: Id, n: usize) -> Vec<i64> {
-    let mut seqs = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while seqs.len() < n {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match socket.next_frame_within(left).await.unwrap() {
-            Some(ServerFrame::Chat(m)) if m.room_id == room => seqs.push(m.seq),
-            Some(ServerFrame::Batch { messages }) => {
-                seqs.extend(messages.iter().filter(|m| m.room_id == room).map(|m| m.seq))
-            }
-            Some(_) => {}
-            None => panic!("stream ended after {} of {n}", seqs.len()),
-        }
-    }
-    seqs
+    socket.room_seqs(room, n, Duration::from_secs(60)).await.unwrap()
 }
 
 /// Reads until every seq in `after+1..=upto` of `room` arrived; returns all seqs seen.
@@ -270,15 +270,7 @@ async fn end_to_end(kind: DbKind) {
     let old_gateway = sockets[4].hello.gateway_id.clone();
     let note = users[0].clone().rebase(&c.url(send[1]));
     let primed = note.send_text(room, "prime the route cache").await.unwrap().seq;
-    let gateways_list: Value = http
-        .get(format!("{}/registry/gateways", c.registry))
-        .header("x-stacker-internal", SECRET)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let gateways_list = c.internal_get("/registry/gateways").await;
     let other = gateways_list["data"]["gateways"]
         .as_array()
         .unwrap()
@@ -311,19 +303,7 @@ async fn end_to_end(kind: DbKind) {
     let base_seq = stale;
 
     // Send instances are registered; a dead one leaves the list.
-    let live_sends = |http: reqwest::Client, registry: String| async move {
-        let v: Value = http
-            .get(format!("{registry}/registry/instances?kind=send"))
-            .header("x-stacker-internal", SECRET)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["data"]["instances"].as_array().map(Vec::len).unwrap_or(0)
-    };
-    assert_eq!(live_sends(http.clone(), c.registry.clone()).await, 2);
+    assert_eq!(c.live_sends().await, 2);
 
     // A send instance dies: a client retries through the other with the same
     // client_msg_id, and nothing is stored twice.
@@ -337,7 +317,7 @@ async fn end_to_end(kind: DbKind) {
     assert_eq!((first.msg_id, first.seq), (again.msg_id, again.seq));
     assert_eq!(first.seq, base_seq + 1);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while live_sends(http.clone(), c.registry.clone()).await != 1 {
+    while c.live_sends().await != 1 {
         assert!(Instant::now() < deadline, "the dead send instance stayed registered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
