@@ -26,7 +26,7 @@ mod rows;
 mod users;
 
 use std::path::Path;
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -35,6 +35,7 @@ use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, Executor};
 use stacker_domain::store::Store;
 use stacker_domain::{Error, Result};
+use tokio::sync::oneshot;
 
 pub use dialect::Dialect;
 
@@ -80,6 +81,47 @@ impl Default for SqlOptions {
 pub struct SqlStore {
     pool: AnyPool,
     dialect: Dialect,
+    /// File-backed SQLite: the background checkpointer runs until the last
+    /// clone of the store is dropped (which drops this sender).
+    _checkpointer: Option<Arc<oneshot::Sender<()>>>,
+}
+
+/// How often the background checkpointer copies the SQLite WAL into the
+/// database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
+/// The WAL size (pages) at which a committing connection checkpoints by
+/// itself. Well above what the background checkpointer leaves between its runs,
+/// so that writers only do it when continuous writes kept the WAL from ever
+/// being fully copied (a WAL restarts from its start only after that).
+const WRITER_AUTOCHECKPOINT_PAGES: u32 = 4000;
+
+/// Copies committed WAL frames into the SQLite database file from a pooled
+/// connection of its own, off the writer's path. By default SQLite makes the
+/// committing connection do this every 1,000 pages, fsyncs included, which was
+/// most of the commit time of the group-commit writer.
+fn spawn_checkpointer(pool: AnyPool) -> oneshot::Sender<()> {
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(CHECKPOINT_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = every.tick() => {}
+            }
+            if pool.is_closed() {
+                return;
+            }
+            // PASSIVE: copies what it can without waiting for readers or writers.
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+                if pool.is_closed() {
+                    return;
+                }
+                tracing::warn!(error = %e, "SQLite WAL checkpoint failed; retrying");
+            }
+        }
+    });
+    stop
 }
 
 /// Installs sqlx's `Any` drivers once per process.
@@ -146,12 +188,17 @@ impl SqlStore {
                 }
             }
             let busy_ms = opts.sqlite_busy_timeout.as_millis();
+            let autocheckpoint = if sqlite_path(&url).is_some() { WRITER_AUTOCHECKPOINT_PAGES } else { 1000 };
+            // An embedded database has no connection to lose: skip the ping
+            // sqlx sends before handing out a pooled connection.
+            pool = pool.test_before_acquire(false);
             pool = pool.after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     conn.execute("PRAGMA journal_mode = WAL").await?;
                     conn.execute(format!("PRAGMA busy_timeout = {busy_ms}").as_str()).await?;
                     conn.execute("PRAGMA synchronous = NORMAL").await?;
                     conn.execute("PRAGMA foreign_keys = ON").await?;
+                    conn.execute(format!("PRAGMA wal_autocheckpoint = {autocheckpoint}").as_str()).await?;
                     Ok(())
                 })
             });
@@ -160,7 +207,9 @@ impl SqlStore {
             error::Class::Unavailable => Error::Unavailable(format!("cannot connect to the {dialect} database: {e}")),
             _ => Error::Store(format!("cannot open the {dialect} database: {e}")),
         })?;
-        let store = SqlStore { pool, dialect };
+        let file_sqlite = dialect == Dialect::Sqlite && sqlite_path(&url).is_some();
+        let checkpointer = file_sqlite.then(|| Arc::new(spawn_checkpointer(pool.clone())));
+        let store = SqlStore { pool, dialect, _checkpointer: checkpointer };
         if opts.migrate {
             store.migrate().await?;
         }

@@ -199,16 +199,22 @@ impl SqlStore {
         Ok(())
     }
 
-    /// One run of the append transaction.
+    /// One run of the append transaction. With `look_up_repeats` off, the
+    /// batch's client_msg_ids are taken to be new, and the unique index on
+    /// `(sender_id, client_msg_id)` fails the run if one is not.
     async fn append_in(
         &self,
         conn: &mut AnyConnection,
         prep: &Prepared<'_>,
+        look_up_repeats: bool,
     ) -> std::result::Result<Vec<Appended>, Fail> {
         let batch = prep.batch;
         // 1. Dedupe against the store.
-        let existing =
-            if prep.pairs.is_empty() { HashMap::new() } else { self.stored_by_client_id(conn, &prep.pairs).await? };
+        let existing = if look_up_repeats && !prep.pairs.is_empty() {
+            self.stored_by_client_id(conn, &prep.pairs).await?
+        } else {
+            HashMap::new()
+        };
         let earlier =
             |m: &NewMessage| m.client_msg_id.as_ref().and_then(|cid| existing.get(&(m.sender_id, cid.clone())));
 
@@ -283,11 +289,18 @@ impl MessageStore for SqlStore {
             }
             let prep = Prepared::new(batch)?;
             let mut attempt = 1;
+            // Nearly every send is a first try, so the first run does not look
+            // its client_msg_ids up; a repeat fails it on the unique index and
+            // it runs again with the look-up.
+            let mut look_up_repeats = false;
             loop {
                 let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
-                let result = self.append_in(&mut tx, &prep).await;
+                let result = self.append_in(&mut tx, &prep, look_up_repeats).await;
                 match finish(tx, result).await {
                     Ok(outcomes) => return Ok(outcomes),
+                    Err(Fail::Db(e)) if !look_up_repeats && !prep.pairs.is_empty() && classify(&e) == Class::Unique => {
+                        look_up_repeats = true;
+                    }
                     Err(Fail::Db(e))
                         if attempt < MAX_ATTEMPTS
                             && self.dialect != Dialect::Sqlite

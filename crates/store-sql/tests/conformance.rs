@@ -153,6 +153,43 @@ async fn sqlite_in_memory() {
     assert_gapless(&s, room.id, 2).await;
 }
 
+/// Committed pages reach the SQLite database file without a writer
+/// checkpointing: the background checkpointer copies them out of the WAL (a
+/// writer would only do it at `wal_autocheckpoint` pages, far more than these).
+#[tokio::test]
+async fn sqlite_wal_is_checkpointed_in_the_background() {
+    let Some(db) = fresh_database(DbKind::Sqlite).await else { return };
+    let store = connect(&db).await;
+    let path = db.sqlite_path().expect("a SQLite test database is a file");
+    let file_len = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let wal_pages: (i64,) = sqlx::query_as("PRAGMA wal_autocheckpoint").fetch_one(store.pool()).await.unwrap();
+    assert!(wal_pages.0 >= 1000, "writers checkpoint only at a large WAL, got {}", wal_pages.0);
+    let s: DynStore = Arc::new(store.clone());
+    let u = make_user(&s, "ckpt").await;
+    let room = make_room(&s, "ckpt", u.id, &[], 1).await;
+    // Let the checkpointer catch up with the migrations, then write ~100 pages.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let before = file_len();
+    let text = "x".repeat(2_000);
+    for chunk in 0..4 {
+        let batch: Vec<NewMessage> =
+            (0..50).map(|i| msg(room.id, u.id, Some(&format!("ckpt-{chunk}-{i}")), &text)).collect();
+        s.append(&batch).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while file_len() <= before + 100_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file stayed at {} bytes (was {before}): nothing was checkpointed",
+            file_len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_gapless(&s, room.id, 200).await;
+    store.close().await;
+    db.drop_database().await;
+}
+
 /// A SQLite file in a directory that does not exist yet, without `mode=rwc`.
 #[tokio::test]
 async fn sqlite_creates_directory() {

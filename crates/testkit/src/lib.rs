@@ -182,6 +182,11 @@ fn fresh_sqlite() -> TestDb {
 }
 
 impl TestDb {
+    /// The database file of a SQLite test database.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        self.sqlite_dir.as_ref().map(|dir| dir.join(&self.name))
+    }
+
     /// Drops the database (PostgreSQL: `WITH (FORCE)`, closing leftover
     /// connections) or removes the SQLite files. Failures are printed, not fatal.
     pub async fn drop_database(mut self) {
