@@ -34,7 +34,7 @@ pub struct CommitConfig {
 
 impl Default for CommitConfig {
     fn default() -> Self {
-        Self { writers: 1, max_batch: 512, queue: 8192, enqueue_timeout: Duration::from_millis(200) }
+        Self { writers: 1, max_batch: 2048, queue: 8192, enqueue_timeout: Duration::from_millis(200) }
     }
 }
 

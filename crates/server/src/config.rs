@@ -253,7 +253,7 @@ impl Default for DatabaseConfig {
         Self {
             url: String::new(),
             max_connections: 16,
-            max_batch: 512,
+            max_batch: 2048,
             writers: 0,
             queue: 8192,
             enqueue_timeout_ms: 200,
