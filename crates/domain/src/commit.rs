@@ -161,8 +161,9 @@ async fn commit(store: &dyn MessageStore, batch: &mut Vec<Pending>) -> Committed
     let started = Instant::now();
     let mut result = store.append(&messages).await;
     if matches!(result, Err(Error::Conflict(_))) {
-        // Another writer stored one of these client_msg_ids between our check and
-        // our insert; a second try sees it and returns it as a duplicate.
+        // A unique key clash the store did not resolve itself: another writer
+        // stored one of these client_msg_ids between the store's look-up and its
+        // insert. A second try sees it and returns it as a duplicate.
         result = store.append(&messages).await;
     }
     metrics::histogram!("stacker_commit_seconds").record(started.elapsed().as_secs_f64());

@@ -26,6 +26,7 @@ mod rows;
 mod users;
 
 use std::path::Path;
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
@@ -84,6 +85,9 @@ pub struct SqlStore {
     /// File-backed SQLite: the background checkpointer runs until the last
     /// clone of the store is dropped (which drops this sender).
     _checkpointer: Option<Arc<oneshot::Sender<()>>>,
+    /// When (Unix ms) an append last met a client_msg_id already stored; for a
+    /// while after that, appends look their ids up first (see `MessageStore::append`).
+    repeat_seen_ms: Arc<AtomicI64>,
 }
 
 /// How often the background checkpointer copies the SQLite WAL into the
@@ -94,6 +98,10 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 /// so that writers only do it when continuous writes kept the WAL from ever
 /// being fully copied (a WAL restarts from its start only after that).
 const WRITER_AUTOCHECKPOINT_PAGES: u32 = 4000;
+/// A WAL file grown past this is truncated back to it once it restarts.
+const WAL_SIZE_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
+/// Longest wait between checkpoints while they keep failing.
+const CHECKPOINT_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Copies committed WAL frames into the SQLite database file from a pooled
 /// connection of its own, off the writer's path. By default SQLite makes the
@@ -104,20 +112,37 @@ fn spawn_checkpointer(pool: AnyPool) -> oneshot::Sender<()> {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(CHECKPOINT_INTERVAL);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // While checkpoints fail (disk full, I/O errors) wait longer between
+        // tries, and log when failing starts and ends rather than every time.
+        let mut backoff = Duration::ZERO;
         loop {
             tokio::select! {
                 _ = &mut stopped => return,
                 _ = every.tick() => {}
             }
+            if !backoff.is_zero() {
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            }
             if pool.is_closed() {
                 return;
             }
             // PASSIVE: copies what it can without waiting for readers or writers.
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
-                if pool.is_closed() {
-                    return;
+            match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+                Ok(_) if !backoff.is_zero() => {
+                    tracing::info!("SQLite WAL checkpoints work again");
+                    backoff = Duration::ZERO;
                 }
-                tracing::warn!(error = %e, "SQLite WAL checkpoint failed; retrying");
+                Ok(_) => {}
+                Err(_) if pool.is_closed() => return,
+                Err(e) => {
+                    if backoff.is_zero() {
+                        tracing::warn!(error = %e, "SQLite WAL checkpoint failed; retrying with back-off");
+                    }
+                    backoff = (backoff * 2).clamp(CHECKPOINT_INTERVAL, CHECKPOINT_MAX_BACKOFF);
+                }
             }
         }
     });
@@ -199,6 +224,7 @@ impl SqlStore {
                     conn.execute("PRAGMA synchronous = NORMAL").await?;
                     conn.execute("PRAGMA foreign_keys = ON").await?;
                     conn.execute(format!("PRAGMA wal_autocheckpoint = {autocheckpoint}").as_str()).await?;
+                    conn.execute(format!("PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}").as_str()).await?;
                     Ok(())
                 })
             });
@@ -207,9 +233,10 @@ impl SqlStore {
             error::Class::Unavailable => Error::Unavailable(format!("cannot connect to the {dialect} database: {e}")),
             _ => Error::Store(format!("cannot open the {dialect} database: {e}")),
         })?;
-        let file_sqlite = dialect == Dialect::Sqlite && sqlite_path(&url).is_some();
-        let checkpointer = file_sqlite.then(|| Arc::new(spawn_checkpointer(pool.clone())));
-        let store = SqlStore { pool, dialect, _checkpointer: checkpointer };
+        // A read-only database has nothing to checkpoint.
+        let writable_file = dialect == Dialect::Sqlite && sqlite_path(&url).is_some() && !url.contains("mode=ro");
+        let checkpointer = writable_file.then(|| Arc::new(spawn_checkpointer(pool.clone())));
+        let store = SqlStore { pool, dialect, _checkpointer: checkpointer, repeat_seen_ms: Arc::default() };
         if opts.migrate {
             store.migrate().await?;
         }

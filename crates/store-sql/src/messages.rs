@@ -1,4 +1,5 @@
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,13 +18,18 @@ const INSERT_CHUNK: usize = 100;
 /// Most `(sender, client_msg_id)` pairs looked up in one statement.
 const DEDUPE_CHUNK: usize = 200;
 /// Runs of an append transaction that hit a deadlock or serialization failure
-/// (MySQL/PostgreSQL; such a transaction was rolled back, so running it again is safe).
+/// (MySQL/PostgreSQL; such a transaction was rolled back, so running it again is
+/// safe). A run redone to look up repeated client_msg_ids does not count.
 const MAX_ATTEMPTS: usize = 3;
 const MESSAGE_NCOLS: usize = 8;
 /// Most rooms whose seqs one statement reserves (3 parameters each).
 const ROOM_CHUNK: usize = 200;
 /// Most (room, sender) read cursors one statement moves (5 parameters each).
 const CURSOR_CHUNK: usize = 150;
+/// After a run meets a stored client_msg_id, appends look their ids up first
+/// for this long: repeats come in bursts (clients resending after a reconnect
+/// or a timeout), and each miss costs a rolled-back run.
+const LOOK_UP_AFTER_REPEAT_MS: i64 = 2_000;
 
 fn bind_rooms<'q>(
     query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
@@ -291,8 +297,9 @@ impl MessageStore for SqlStore {
             let mut attempt = 1;
             // Nearly every send is a first try, so the first run does not look
             // its client_msg_ids up; a repeat fails it on the unique index and
-            // it runs again with the look-up.
-            let mut look_up_repeats = false;
+            // it runs again with the look-up (and so do appends for a while).
+            let repeat_seen = self.repeat_seen_ms.load(Ordering::Relaxed);
+            let mut look_up_repeats = stacker_domain::clock::now_ms() - repeat_seen < LOOK_UP_AFTER_REPEAT_MS;
             loop {
                 let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
                 let result = self.append_in(&mut tx, &prep, look_up_repeats).await;
@@ -300,6 +307,7 @@ impl MessageStore for SqlStore {
                     Ok(outcomes) => return Ok(outcomes),
                     Err(Fail::Db(e)) if !look_up_repeats && !prep.pairs.is_empty() && classify(&e) == Class::Unique => {
                         look_up_repeats = true;
+                        self.repeat_seen_ms.store(stacker_domain::clock::now_ms(), Ordering::Relaxed);
                     }
                     Err(Fail::Db(e))
                         if attempt < MAX_ATTEMPTS

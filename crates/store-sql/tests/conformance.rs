@@ -43,6 +43,7 @@ async fn conformance(kind: DbKind) {
         checks += two_instances(&db).await;
     }
     checks += closed_pool_is_unavailable(&db).await;
+    checks += id_clash_is_a_conflict(&dyn_store).await;
 
     // Straight to stderr (past the harness's capture): CI logs show which backends ran.
     stacker_testkit::announce(&format!("conformance: {checks} checks passed on {kind}"));
@@ -113,6 +114,23 @@ async fn two_instances(db: &TestDb) -> usize {
     1
 }
 
+/// A new client_msg_id under a message id that is already stored: the first
+/// run fails on the primary key, the run that looks ids up fails the same way,
+/// and the append reports a conflict without storing anything.
+async fn id_clash_is_a_conflict(store: &DynStore) -> usize {
+    let owner = make_user(store, "clash").await;
+    let room = make_room(store, "clash", owner.id, &[], 1).await;
+    let first = msg(room.id, owner.id, Some("clash-1"), "first");
+    store.append(std::slice::from_ref(&first)).await.unwrap();
+    let clash = NewMessage { client_msg_id: Some("clash-2".into()), ..first.clone() };
+    match store.append(&[clash]).await {
+        Err(Error::Conflict(_)) => {}
+        other => panic!("a message id clash must be a conflict, got {other:?}"),
+    }
+    assert_gapless(store, room.id, 1).await;
+    1
+}
+
 async fn closed_pool_is_unavailable(db: &TestDb) -> usize {
     let store = connect(db).await;
     store.close().await;
@@ -163,7 +181,7 @@ async fn sqlite_wal_is_checkpointed_in_the_background() {
     let path = db.sqlite_path().expect("a SQLite test database is a file");
     let file_len = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let wal_pages: (i64,) = sqlx::query_as("PRAGMA wal_autocheckpoint").fetch_one(store.pool()).await.unwrap();
-    assert!(wal_pages.0 >= 1000, "writers checkpoint only at a large WAL, got {}", wal_pages.0);
+    assert_eq!(wal_pages.0, 4000, "writers checkpoint only at a large WAL");
     let s: DynStore = Arc::new(store.clone());
     let u = make_user(&s, "ckpt").await;
     let room = make_room(&s, "ckpt", u.id, &[], 1).await;
