@@ -79,6 +79,10 @@ impl App {
             0 => store.recommended_writers(),
             n => n,
         };
+        let max_batch = match config.database.max_batch {
+            0 => store.recommended_max_batch(),
+            n => n,
+        };
         let store: Arc<dyn Store> = Arc::new(store);
         let secret = jwt_secret(&config)?;
         let node_id = match &cluster {
@@ -121,7 +125,7 @@ impl App {
             fanout.clone(),
             CommitConfig {
                 writers,
-                max_batch: config.database.max_batch,
+                max_batch,
                 queue: config.database.queue,
                 enqueue_timeout: config.enqueue_timeout(),
             },

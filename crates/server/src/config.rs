@@ -52,7 +52,8 @@ pub struct DatabaseConfig {
     /// `sqlite://PATH?mode=rwc`, `mysql://…` or `postgres://…`. Empty: SQLite under data_dir.
     pub url: String,
     pub max_connections: u32,
-    /// Messages group-committed in one transaction at most.
+    /// Messages group-committed in one transaction at most; 0 picks 2,048
+    /// for SQLite and 512 for MySQL/PostgreSQL.
     pub max_batch: usize,
     /// Concurrent writer tasks; 0 picks 1 for SQLite and 4 for MySQL/PostgreSQL.
     pub writers: usize,
@@ -250,14 +251,7 @@ impl Default for ServerConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self {
-            url: String::new(),
-            max_connections: 16,
-            max_batch: 2048,
-            writers: 0,
-            queue: 8192,
-            enqueue_timeout_ms: 200,
-        }
+        Self { url: String::new(), max_connections: 16, max_batch: 0, writers: 0, queue: 8192, enqueue_timeout_ms: 200 }
     }
 }
 
@@ -336,8 +330,8 @@ impl Config {
         {
             return fail("messages.history_default_limit", "must be 1 to messages.history_max_limit");
         }
-        if self.database.max_batch == 0 || self.database.queue == 0 || self.database.max_connections == 0 {
-            return fail("database", "max_batch, queue and max_connections must be positive");
+        if self.database.queue == 0 || self.database.max_connections == 0 {
+            return fail("database", "queue and max_connections must be positive");
         }
         if self.ws.heartbeat_s == 0 || self.ws.heartbeat_timeout_s <= self.ws.heartbeat_s {
             return fail("ws.heartbeat_timeout_s", "must be greater than ws.heartbeat_s (which must be positive)");

@@ -33,6 +33,7 @@ async fn conformance(kind: DbKind) {
     };
     assert_eq!(store.dialect(), expected);
     assert_eq!(store.recommended_writers(), if kind == DbKind::Sqlite { 1 } else { 4 });
+    assert_eq!(store.recommended_max_batch(), if kind == DbKind::Sqlite { 2048 } else { 512 });
     let dyn_store: DynStore = Arc::new(store.clone());
     let mut checks = suite::run(dyn_store.clone()).await;
 
