@@ -110,21 +110,13 @@ const CHECKPOINT_MAX_BACKOFF: Duration = Duration::from_secs(5);
 fn spawn_checkpointer(pool: AnyPool) -> oneshot::Sender<()> {
     let (stop, mut stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(CHECKPOINT_INTERVAL);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // While checkpoints fail (disk full, I/O errors) wait longer between
         // tries, and log when failing starts and ends rather than every time.
         let mut backoff = Duration::ZERO;
         loop {
             tokio::select! {
                 _ = &mut stopped => return,
-                _ = every.tick() => {}
-            }
-            if !backoff.is_zero() {
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
+                _ = tokio::time::sleep(CHECKPOINT_INTERVAL + backoff) => {}
             }
             if pool.is_closed() {
                 return;
@@ -155,14 +147,17 @@ fn install_drivers() {
     INSTALL.call_once(sqlx::any::install_default_drivers);
 }
 
+/// The `mode=` parameter of a SQLite URL (`ro`, `rw`, `rwc`, `memory`), if any.
+fn sqlite_mode(url: &str) -> Option<&str> {
+    let (_, query) = url.split_once('?')?;
+    query.split('&').find_map(|kv| kv.strip_prefix("mode="))
+}
+
 /// The file path of a SQLite URL, or `None` for an in-memory database.
 fn sqlite_path(url: &str) -> Option<&str> {
     let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
-    let (path, query) = match rest.find('?') {
-        Some(i) => (&rest[..i], &rest[i + 1..]),
-        None => (rest, ""),
-    };
-    if path.is_empty() || path == ":memory:" || query.split('&').any(|kv| kv == "mode=memory") {
+    let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+    if path.is_empty() || path == ":memory:" || sqlite_mode(url) == Some("memory") {
         None
     } else {
         Some(path)
@@ -171,10 +166,10 @@ fn sqlite_path(url: &str) -> Option<&str> {
 
 /// A SQLite file URL that creates the file when missing, unless it names a mode.
 fn sqlite_url_with_mode(url: &str) -> String {
-    match url.find('?') {
-        Some(i) if url[i + 1..].split('&').any(|kv| kv.starts_with("mode=")) => url.to_string(),
-        Some(_) => format!("{url}&mode=rwc"),
-        None => format!("{url}?mode=rwc"),
+    match (sqlite_mode(url), url.contains('?')) {
+        (Some(_), _) => url.to_string(),
+        (None, true) => format!("{url}&mode=rwc"),
+        (None, false) => format!("{url}?mode=rwc"),
     }
 }
 
@@ -191,6 +186,7 @@ impl SqlStore {
         let dialect = Dialect::from_url(url).ok_or_else(|| {
             Error::Store("unsupported database URL: it must start with sqlite:, mysql:, mariadb: or postgres:".into())
         })?;
+        let file_backed = dialect == Dialect::Sqlite && sqlite_path(url).is_some();
         let mut url = url.to_string();
         let mut pool = AnyPoolOptions::new()
             .max_connections(opts.max_connections.max(1))
@@ -213,7 +209,6 @@ impl SqlStore {
                 }
             }
             let busy_ms = opts.sqlite_busy_timeout.as_millis();
-            let autocheckpoint = if sqlite_path(&url).is_some() { WRITER_AUTOCHECKPOINT_PAGES } else { 1000 };
             // An embedded database has no connection to lose: skip the ping
             // sqlx sends before handing out a pooled connection.
             pool = pool.test_before_acquire(false);
@@ -223,8 +218,11 @@ impl SqlStore {
                     conn.execute(format!("PRAGMA busy_timeout = {busy_ms}").as_str()).await?;
                     conn.execute("PRAGMA synchronous = NORMAL").await?;
                     conn.execute("PRAGMA foreign_keys = ON").await?;
-                    conn.execute(format!("PRAGMA wal_autocheckpoint = {autocheckpoint}").as_str()).await?;
-                    conn.execute(format!("PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}").as_str()).await?;
+                    if file_backed {
+                        let pages = WRITER_AUTOCHECKPOINT_PAGES;
+                        conn.execute(format!("PRAGMA wal_autocheckpoint = {pages}").as_str()).await?;
+                        conn.execute(format!("PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}").as_str()).await?;
+                    }
                     Ok(())
                 })
             });
@@ -234,8 +232,8 @@ impl SqlStore {
             _ => Error::Store(format!("cannot open the {dialect} database: {e}")),
         })?;
         // A read-only database has nothing to checkpoint.
-        let writable_file = dialect == Dialect::Sqlite && sqlite_path(&url).is_some() && !url.contains("mode=ro");
-        let checkpointer = writable_file.then(|| Arc::new(spawn_checkpointer(pool.clone())));
+        let checkpointed = file_backed && sqlite_mode(&url) != Some("ro");
+        let checkpointer = checkpointed.then(|| Arc::new(spawn_checkpointer(pool.clone())));
         let store = SqlStore { pool, dialect, _checkpointer: checkpointer, repeat_seen_ms: Arc::default() };
         if opts.migrate {
             store.migrate().await?;
@@ -414,5 +412,7 @@ mod tests {
         assert_eq!(sqlite_url_with_mode("sqlite://x.db"), "sqlite://x.db?mode=rwc");
         assert_eq!(sqlite_url_with_mode("sqlite://x.db?cache=shared"), "sqlite://x.db?cache=shared&mode=rwc");
         assert_eq!(sqlite_url_with_mode("sqlite://x.db?mode=ro"), "sqlite://x.db?mode=ro");
+        assert_eq!(sqlite_mode("sqlite://x.db?cache=shared&mode=ro"), Some("ro"));
+        assert_eq!(sqlite_mode("sqlite://mode=ro.db"), None);
     }
 }
