@@ -270,7 +270,9 @@ async fn end_to_end(kind: DbKind) {
     let old_gateway = sockets[4].hello.gateway_id.clone();
     let note = users[0].clone().rebase(&c.url(send[1]));
     // The cached route is filled during this send, so its age at any later
-    // moment is at most the time since here.
+    // moment is at most the time since here. An entry filled by an earlier
+    // send would expire sooner (a read does not renew it): outwait those first.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
     let primed_at = Instant::now();
     let primed = note.send_text(room, "prime the route cache").await.unwrap().seq;
     let gateways_list = c.internal_get("/registry/gateways").await;

@@ -1,4 +1,5 @@
-//! sqlx errors → the domain's [`Error`], in one place.
+//! Database errors (sqlx's, and rusqlite's from the SQLite writer) → the
+//! domain's [`Error`], in one place.
 
 use std::future::Future;
 use std::time::Instant;
@@ -46,12 +47,8 @@ fn classify_db(db: &dyn DatabaseError) -> Class {
         };
     }
     if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-        // The code is SQLite's extended result code; the low byte is the primary one.
-        let code = db.code().and_then(|c| c.parse::<i64>().ok()).unwrap_or(0);
-        return match code & 0xff {
-            5 | 6 => Class::Transient, // SQLITE_BUSY, SQLITE_LOCKED
-            _ => Class::Other,
-        };
+        let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0);
+        return sqlite_class(code);
     }
     // PostgreSQL: SQLSTATE.
     match db.code().as_deref() {
@@ -61,10 +58,35 @@ fn classify_db(db: &dyn DatabaseError) -> Class {
     }
 }
 
-/// What clashed, for the `Conflict` message (which a client may see).
-fn unique_subject(e: &sqlx::Error) -> &'static str {
-    let sqlx::Error::Database(db) = e else { return "a record with that key" };
-    let text = format!("{} {}", db.constraint().unwrap_or(""), db.message()).to_ascii_lowercase();
+/// A failure of the SQLite writer's own connection (see `sqlite_writer`).
+pub(crate) fn classify_sqlite(e: &rusqlite::Error) -> Class {
+    match e {
+        rusqlite::Error::SqliteFailure(failure, _) => sqlite_class(failure.extended_code),
+        _ => Class::Other,
+    }
+}
+
+/// `code` is SQLite's extended result code; its low byte is the primary one.
+fn sqlite_class(code: i32) -> Class {
+    match code {
+        1555 | 2067 => Class::Unique, // SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE
+        _ if matches!(code & 0xff, 5 | 6) => Class::Transient, // SQLITE_BUSY, SQLITE_LOCKED
+        _ => Class::Other,
+    }
+}
+
+/// The text of a database error that names what clashed.
+fn clash_text(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => format!("{} {}", db.constraint().unwrap_or(""), db.message()),
+        _ => String::new(),
+    }
+}
+
+/// What clashed, for the `Conflict` message (which a client may see), from
+/// the database's error text.
+fn unique_subject(text: &str) -> &'static str {
+    let text = text.to_ascii_lowercase();
     if text.contains("username") {
         "a user with that username"
     } else if text.contains("direct_key") {
@@ -83,8 +105,17 @@ fn unique_subject(e: &sqlx::Error) -> &'static str {
 /// The one mapping from sqlx errors to the domain's errors. Details go to the
 /// log; `Conflict` and `Unavailable` texts are safe to show a client.
 pub(crate) fn map_err(op: &'static str, e: sqlx::Error) -> Error {
-    match classify(&e) {
-        Class::Unique => Error::Conflict(format!("{} already exists", unique_subject(&e))),
+    to_error(op, classify(&e), &e, clash_text(&e))
+}
+
+/// [`map_err`] for the SQLite writer's connection.
+pub(crate) fn map_sqlite_err(op: &'static str, e: rusqlite::Error) -> Error {
+    to_error(op, classify_sqlite(&e), &e, e.to_string())
+}
+
+fn to_error(op: &'static str, class: Class, e: &dyn std::fmt::Display, clash_text: String) -> Error {
+    match class {
+        Class::Unique => Error::Conflict(format!("{} already exists", unique_subject(&clash_text))),
         Class::Transient => {
             tracing::warn!(op, error = %e, "database busy");
             Error::Unavailable("database busy; retry".into())

@@ -16,16 +16,22 @@
 //!   gap or repeat. Rooms are locked in ascending id order, so writers never
 //!   deadlock each other. On SQLite the write lock is taken up front
 //!   (`BEGIN IMMEDIATE`).
+//! - On a SQLite file, appends do not go through sqlx: a thread of their own
+//!   runs each append transaction on one rusqlite connection (`sqlite_writer`),
+//!   and the append logic is shared with the sqlx path through `exec::WriteTx`.
 
 mod cursors;
 mod dialect;
 mod error;
+mod exec;
 mod messages;
 mod rooms;
 mod rows;
+mod sqlite_writer;
 mod users;
 
 use std::path::Path;
+use std::str::FromStr;
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Once};
 use std::time::Duration;
@@ -39,6 +45,8 @@ use stacker_domain::{Error, Result};
 use tokio::sync::oneshot;
 
 pub use dialect::Dialect;
+
+use sqlite_writer::SqliteWriter;
 
 use error::{map_err, observe};
 
@@ -88,6 +96,8 @@ pub struct SqlStore {
     /// When (Unix ms) an append last met a client_msg_id already stored; for a
     /// while after that, appends look their ids up first (see `MessageStore::append`).
     repeat_seen_ms: Arc<AtomicI64>,
+    /// File-backed, writable SQLite: the thread that runs appends (see `sqlite_writer`).
+    sqlite_writer: Option<Arc<SqliteWriter>>,
 }
 
 /// How often the background checkpointer copies the SQLite WAL into the
@@ -141,6 +151,26 @@ fn spawn_checkpointer(pool: AnyPool) -> oneshot::Sender<()> {
     stop
 }
 
+/// The settings every SQLite connection runs with: WAL journaling,
+/// `synchronous=NORMAL`, foreign keys, a busy timeout, statement journals in
+/// memory (a multi-row statement in a transaction keeps one, and past 64 KiB
+/// SQLite spills it to a temporary file, which every batch insert did), and
+/// for a file the checkpoint and WAL size limits.
+fn sqlite_pragmas(busy_timeout: Duration, file_backed: bool) -> Vec<String> {
+    let mut pragmas: Vec<String> = vec![
+        "PRAGMA journal_mode = WAL".into(),
+        format!("PRAGMA busy_timeout = {}", busy_timeout.as_millis()),
+        "PRAGMA synchronous = NORMAL".into(),
+        "PRAGMA foreign_keys = ON".into(),
+        "PRAGMA temp_store = MEMORY".into(),
+    ];
+    if file_backed {
+        pragmas.push(format!("PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES}"));
+        pragmas.push(format!("PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}"));
+    }
+    pragmas
+}
+
 /// Installs sqlx's `Any` drivers once per process.
 fn install_drivers() {
     static INSTALL: Once = Once::new();
@@ -180,7 +210,8 @@ impl SqlStore {
     /// SQLite: the file and its directory are created when missing (unless the
     /// URL names a `mode=`), and every connection runs with WAL journaling,
     /// `synchronous=NORMAL`, foreign keys on and a busy timeout. An in-memory
-    /// database uses a single connection that is never recycled.
+    /// database uses a single connection that is never recycled. A writable
+    /// SQLite file also gets one more connection, the appends' writer thread's.
     pub async fn connect(url: &str, opts: SqlOptions) -> Result<SqlStore> {
         install_drivers();
         let dialect = Dialect::from_url(url).ok_or_else(|| {
@@ -208,20 +239,15 @@ impl SqlStore {
                     pool = pool.max_connections(1).min_connections(1).idle_timeout(None).max_lifetime(None);
                 }
             }
-            let busy_ms = opts.sqlite_busy_timeout.as_millis();
             // An embedded database has no connection to lose: skip the ping
             // sqlx sends before handing out a pooled connection.
             pool = pool.test_before_acquire(false);
+            let pragmas = sqlite_pragmas(opts.sqlite_busy_timeout, file_backed);
             pool = pool.after_connect(move |conn, _meta| {
+                let pragmas = pragmas.clone();
                 Box::pin(async move {
-                    conn.execute("PRAGMA journal_mode = WAL").await?;
-                    conn.execute(format!("PRAGMA busy_timeout = {busy_ms}").as_str()).await?;
-                    conn.execute("PRAGMA synchronous = NORMAL").await?;
-                    conn.execute("PRAGMA foreign_keys = ON").await?;
-                    if file_backed {
-                        let pages = WRITER_AUTOCHECKPOINT_PAGES;
-                        conn.execute(format!("PRAGMA wal_autocheckpoint = {pages}").as_str()).await?;
-                        conn.execute(format!("PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}").as_str()).await?;
+                    for pragma in &pragmas {
+                        conn.execute(pragma.as_str()).await?;
                     }
                     Ok(())
                 })
@@ -234,9 +260,24 @@ impl SqlStore {
         // A read-only database has nothing to checkpoint.
         let checkpointed = file_backed && sqlite_mode(&url) != Some("ro");
         let checkpointer = checkpointed.then(|| Arc::new(spawn_checkpointer(pool.clone())));
-        let store = SqlStore { pool, dialect, _checkpointer: checkpointer, repeat_seen_ms: Arc::default() };
+        let mut store = SqlStore {
+            pool,
+            dialect,
+            _checkpointer: checkpointer,
+            repeat_seen_ms: Arc::default(),
+            sqlite_writer: None,
+        };
         if opts.migrate {
             store.migrate().await?;
+        }
+        // Opened after the migrations, which create the file's tables.
+        if checkpointed {
+            // The file sqlx opened (its URL path percent-decoded).
+            let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
+                .map_err(|e| Error::Store(format!("bad SQLite URL: {e}")))?;
+            let pragmas = sqlite_pragmas(opts.sqlite_busy_timeout, true);
+            let writer = SqliteWriter::open(options.get_filename().to_path_buf(), opts.sqlite_busy_timeout, pragmas);
+            store.sqlite_writer = Some(Arc::new(writer.await?));
         }
         Ok(store)
     }
@@ -306,8 +347,12 @@ impl SqlStore {
         &self.pool
     }
 
-    /// Closes the pool, waiting for checked-out connections to return.
+    /// Closes the pool (and SQLite's writer), waiting for checked-out
+    /// connections to return.
     pub async fn close(&self) {
+        if let Some(writer) = &self.sqlite_writer {
+            writer.close().await;
+        }
         self.pool.close().await;
     }
 
@@ -338,6 +383,8 @@ type Tx = sqlx::Transaction<'static, Any>;
 /// Why a transaction body failed: the database, or a domain rule.
 pub(crate) enum Fail {
     Db(sqlx::Error),
+    /// The SQLite writer's own connection.
+    Sqlite(rusqlite::Error),
     Domain(Error),
 }
 
@@ -353,10 +400,21 @@ impl From<Error> for Fail {
     }
 }
 
+impl std::fmt::Display for Fail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fail::Db(e) => e.fmt(f),
+            Fail::Sqlite(e) => e.fmt(f),
+            Fail::Domain(e) => e.fmt(f),
+        }
+    }
+}
+
 impl Fail {
     fn into_error(self, op: &'static str) -> Error {
         match self {
             Fail::Db(e) => map_err(op, e),
+            Fail::Sqlite(e) => error::map_sqlite_err(op, e),
             Fail::Domain(e) => e,
         }
     }
@@ -364,18 +422,7 @@ impl Fail {
 
 /// Commits on success; rolls back (explicitly, not on drop) on failure.
 async fn finish<T>(tx: Tx, result: std::result::Result<T, Fail>) -> std::result::Result<T, Fail> {
-    match result {
-        Ok(value) => {
-            tx.commit().await?;
-            Ok(value)
-        }
-        Err(e) => {
-            if let Err(rollback) = tx.rollback().await {
-                tracing::warn!(error = %rollback, "rollback failed; the connection is discarded");
-            }
-            Err(e)
-        }
-    }
+    exec::finish_tx(&mut Some(tx), result).await
 }
 
 fn affected(result: &AnyQueryResult) -> u64 {

@@ -1,17 +1,20 @@
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::AnyConnection;
+use futures::FutureExt;
+use stacker_domain::clock::now_ms;
 use stacker_domain::model::*;
 use stacker_domain::store::MessageStore;
 use stacker_domain::{Error, Result};
 
 use crate::dialect::{placeholders, value_groups, Dialect};
-use crate::error::{classify, map_err, observe, Class};
+use crate::error::{map_err, observe, Class};
+use crate::exec::{finish_tx, Arg, Col, PoolTx, Stmt, Val, WriteTx};
 use crate::rows;
-use crate::{finish, Fail, SqlStore};
+use crate::sqlite_writer::WriterTx;
+use crate::{Fail, SqlStore};
 
 /// Most rows in one multi-row `INSERT` (8 parameters each).
 const INSERT_CHUNK: usize = 100;
@@ -30,14 +33,6 @@ const CURSOR_CHUNK: usize = 150;
 /// for this long: repeats come in bursts (clients resending after a reconnect
 /// or a timeout), and each miss costs a rolled-back run.
 const LOOK_UP_AFTER_REPEAT_MS: i64 = 2_000;
-
-fn bind_rooms<'q>(
-    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-    rooms: &[(RoomId, i64)],
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-    let query = rooms.iter().fold(query, |q, (room, n)| q.bind(*room).bind(*n));
-    rooms.iter().fold(query, |q, (room, _)| q.bind(*room))
-}
 
 /// The batch, checked and encoded before any database work.
 struct Prepared<'a> {
@@ -71,217 +66,260 @@ impl<'a> Prepared<'a> {
     }
 }
 
-impl SqlStore {
-    /// Messages already stored under any of `pairs`.
-    async fn stored_by_client_id(
-        &self,
-        conn: &mut AnyConnection,
-        pairs: &[(UserId, &str)],
-    ) -> std::result::Result<HashMap<(UserId, String), Message>, Fail> {
-        let mut found = HashMap::new();
-        for chunk in pairs.chunks(DEDUPE_CHUNK) {
-            // OR of equalities on (sender_id, client_msg_id): a range/index look-up
-            // on the unique index on every database (unlike a cross-product of two
-            // IN lists, which fetches other senders' rows).
-            let cond = vec!["(sender_id = ? AND client_msg_id = ?)"; chunk.len()].join(" OR ");
-            let sql = self.sql_owned(format!("SELECT {} FROM messages WHERE {cond}", rows::message_cols("")));
-            let mut query = sqlx::query(&sql).persistent(chunk.len() <= 2);
-            for (sender, cid) in chunk {
-                query = query.bind(*sender).bind(*cid);
-            }
-            for row in query.fetch_all(&mut *conn).await? {
-                let message = rows::message(&row, 0)?;
-                if let Some(cid) = message.client_msg_id.clone() {
-                    found.insert((message.sender_id, cid), message);
-                }
+/// Messages already stored under any of `pairs`.
+async fn stored_by_client_id<W: WriteTx>(
+    tx: &mut W,
+    pairs: &[(UserId, &str)],
+) -> std::result::Result<HashMap<(UserId, String), Message>, Fail> {
+    let mut found = HashMap::new();
+    for chunk in pairs.chunks(DEDUPE_CHUNK) {
+        // OR of equalities on (sender_id, client_msg_id): a range/index look-up
+        // on the unique index on every database (unlike a cross-product of two
+        // IN lists, which fetches other senders' rows).
+        let cond = vec!["(sender_id = ? AND client_msg_id = ?)"; chunk.len()].join(" OR ");
+        let sql = format!("SELECT {} FROM messages WHERE {cond}", rows::message_cols(""));
+        let args = chunk.iter().flat_map(|(sender, cid)| [Arg::Int(*sender), Arg::Text(cid)]).collect();
+        for row in tx.fetch(Stmt::new(sql, args).cached(chunk.len() <= 2), &MESSAGE_COLS).await? {
+            let message = message_from(row)?;
+            if let Some(cid) = message.client_msg_id.clone() {
+                found.insert((message.sender_id, cid), message);
             }
         }
-        Ok(found)
     }
+    Ok(found)
+}
 
-    /// Reserves `count` seqs in each room; returns each room's new last seq.
-    /// One statement per [`ROOM_CHUNK`] rooms (1:1 traffic puts nearly every
-    /// message of a batch in a room of its own). The row locks taken here are
-    /// held until commit, serializing every writer of a room; rooms are
-    /// visited in ascending id, a fixed lock order.
-    async fn reserve_seqs(
-        &self,
-        conn: &mut AnyConnection,
-        rooms: &[(RoomId, i64)],
-    ) -> std::result::Result<HashMap<RoomId, i64>, Fail> {
-        let mut last = HashMap::with_capacity(rooms.len());
-        for chunk in rooms.chunks(ROOM_CHUNK) {
-            let case = "WHEN ? THEN ? ".repeat(chunk.len());
-            let ids = placeholders(chunk.len());
-            let update = format!("UPDATE rooms SET last_seq = last_seq + CASE id {case}END WHERE id IN ({ids})");
-            let rows = match self.dialect {
-                // No UPDATE … RETURNING: read the rows back under our own locks.
-                Dialect::Mysql => {
-                    bind_rooms(sqlx::query(&update), chunk).execute(&mut *conn).await?;
-                    let select = format!("SELECT id, last_seq FROM rooms WHERE id IN ({ids})");
-                    chunk.iter().fold(sqlx::query(&select), |q, (room, _)| q.bind(*room)).fetch_all(&mut *conn).await?
-                }
-                Dialect::Postgres => {
-                    // An UPDATE locks rows in scan order, which is not id order on
-                    // PostgreSQL: take the locks in id order first (no deadlocks
-                    // between writers whose batches share rooms).
-                    let lock =
-                        self.sql_owned(format!("SELECT id FROM rooms WHERE id IN ({ids}) ORDER BY id FOR UPDATE"));
-                    chunk.iter().fold(sqlx::query(&lock), |q, (room, _)| q.bind(*room)).fetch_all(&mut *conn).await?;
-                    let sql = self.sql_owned(format!("{update} RETURNING id, last_seq"));
-                    bind_rooms(sqlx::query(&sql), chunk).fetch_all(&mut *conn).await?
-                }
-                // One writer at a time (BEGIN IMMEDIATE).
-                Dialect::Sqlite => {
-                    let sql = self.sql_owned(format!("{update} RETURNING id, last_seq"));
-                    bind_rooms(sqlx::query(&sql), chunk).fetch_all(&mut *conn).await?
-                }
-            };
-            for row in &rows {
-                last.insert(rows::int(row, 0)?, rows::int(row, 1)?);
-            }
-            if let Some((missing, _)) = chunk.iter().find(|(room, _)| !last.contains_key(room)) {
-                return Err(Fail::Domain(Error::not_found(format!("room {missing} not found"))));
-            }
-        }
-        Ok(last)
-    }
+const MESSAGE_COLS: [Col; 7] = [Col::Int, Col::Int, Col::Int, Col::Int, Col::Text, Col::Text, Col::Int];
 
-    /// A sender has read everything up to their own last message: one
-    /// statement per [`CURSOR_CHUNK`] (room, sender) pairs.
-    async fn advance_read_cursors(
-        &self,
-        conn: &mut AnyConnection,
-        cursors: &[((RoomId, UserId), i64)],
-    ) -> std::result::Result<(), Fail> {
-        let greatest = match self.dialect {
-            Dialect::Sqlite => "MAX",
-            Dialect::Mysql | Dialect::Postgres => "GREATEST",
+/// A message from the columns of [`rows::message_cols`].
+fn message_from(row: Vec<Val>) -> Result<Message> {
+    let [id, room_id, seq, sender_id, client_msg_id, content, created_at]: [Val; 7] =
+        row.try_into().map_err(|_| Error::Store("a message row has the wrong number of columns".into()))?;
+    let content = content.opt_text()?.ok_or_else(|| Error::Store("a message's content is NULL".into()))?;
+    Ok(Message {
+        id: id.int()?,
+        room_id: room_id.int()?,
+        seq: seq.int()?,
+        sender_id: sender_id.int()?,
+        client_msg_id: client_msg_id.opt_text()?,
+        content: rows::content_from(&content)?,
+        created_at: created_at.int()?,
+    })
+}
+
+/// Reserves `count` seqs in each room; returns each room's new last seq.
+/// One statement per [`ROOM_CHUNK`] rooms (1:1 traffic puts nearly every
+/// message of a batch in a room of its own). The row locks taken here are
+/// held until commit, serializing every writer of a room; rooms are
+/// visited in ascending id, a fixed lock order.
+async fn reserve_seqs<W: WriteTx>(
+    tx: &mut W,
+    rooms: &[(RoomId, i64)],
+) -> std::result::Result<HashMap<RoomId, i64>, Fail> {
+    let mut last = HashMap::with_capacity(rooms.len());
+    for chunk in rooms.chunks(ROOM_CHUNK) {
+        let case = "WHEN ? THEN ? ".repeat(chunk.len());
+        let ids = placeholders(chunk.len());
+        let update = format!("UPDATE rooms SET last_seq = last_seq + CASE id {case}END WHERE id IN ({ids})");
+        let room_ids = || chunk.iter().map(|(room, _)| Arg::Int(*room)).collect::<Vec<_>>();
+        let mut update_args: Vec<Arg> = chunk.iter().flat_map(|(room, n)| [Arg::Int(*room), Arg::Int(*n)]).collect();
+        update_args.extend(room_ids());
+        let cols = [Col::Int, Col::Int];
+        let rows = match tx.dialect() {
+            // No UPDATE … RETURNING: read the rows back under our own locks.
+            Dialect::Mysql => {
+                tx.execute(Stmt::new(update, update_args)).await?;
+                let select = format!("SELECT id, last_seq FROM rooms WHERE id IN ({ids})");
+                tx.fetch(Stmt::new(select, room_ids()), &cols).await?
+            }
+            Dialect::Postgres => {
+                // An UPDATE locks rows in scan order, which is not id order on
+                // PostgreSQL: take the locks in id order first (no deadlocks
+                // between writers whose batches share rooms).
+                let lock = format!("SELECT id FROM rooms WHERE id IN ({ids}) ORDER BY id FOR UPDATE");
+                tx.fetch(Stmt::new(lock, room_ids()), &[Col::Int]).await?;
+                tx.fetch(Stmt::new(format!("{update} RETURNING id, last_seq"), update_args), &cols).await?
+            }
+            // One writer at a time (BEGIN IMMEDIATE).
+            Dialect::Sqlite => {
+                tx.fetch(Stmt::new(format!("{update} RETURNING id, last_seq"), update_args), &cols).await?
+            }
         };
-        for chunk in cursors.chunks(CURSOR_CHUNK) {
-            let case = "WHEN room_id = ? AND user_id = ? THEN ? ".repeat(chunk.len());
-            let cond = vec!["(room_id = ? AND user_id = ?)"; chunk.len()].join(" OR ");
-            let sql = self.sql_owned(format!(
-                "UPDATE room_members SET read_seq = {greatest}(read_seq, CASE {case}ELSE read_seq END) WHERE {cond}"
-            ));
-            let mut query = sqlx::query(&sql);
-            for ((room, user), seq) in chunk {
-                query = query.bind(*room).bind(*user).bind(*seq);
-            }
-            for ((room, user), _) in chunk {
-                query = query.bind(*room).bind(*user);
-            }
-            query.execute(&mut *conn).await?;
+        for row in &rows {
+            last.insert(row[0].int()?, row[1].int()?);
         }
-        Ok(())
+        if let Some((missing, _)) = chunk.iter().find(|(room, _)| !last.contains_key(room)) {
+            return Err(Fail::Domain(Error::not_found(format!("room {missing} not found"))));
+        }
+    }
+    Ok(last)
+}
+
+/// A sender has read everything up to their own last message: one
+/// statement per [`CURSOR_CHUNK`] (room, sender) pairs.
+async fn advance_read_cursors<W: WriteTx>(
+    tx: &mut W,
+    cursors: &[((RoomId, UserId), i64)],
+) -> std::result::Result<(), Fail> {
+    let greatest = match tx.dialect() {
+        Dialect::Sqlite => "MAX",
+        Dialect::Mysql | Dialect::Postgres => "GREATEST",
+    };
+    for chunk in cursors.chunks(CURSOR_CHUNK) {
+        let case = "WHEN room_id = ? AND user_id = ? THEN ? ".repeat(chunk.len());
+        let cond = vec!["(room_id = ? AND user_id = ?)"; chunk.len()].join(" OR ");
+        let sql = format!(
+            "UPDATE room_members SET read_seq = {greatest}(read_seq, CASE {case}ELSE read_seq END) WHERE {cond}"
+        );
+        let mut args: Vec<Arg> =
+            chunk.iter().flat_map(|((room, user), seq)| [Arg::Int(*room), Arg::Int(*user), Arg::Int(*seq)]).collect();
+        args.extend(chunk.iter().flat_map(|((room, user), _)| [Arg::Int(*room), Arg::Int(*user)]));
+        tx.execute(Stmt::new(sql, args)).await?;
+    }
+    Ok(())
+}
+
+async fn insert_messages<W: WriteTx>(
+    tx: &mut W,
+    messages: &[&Message],
+    json: &[&str],
+) -> std::result::Result<(), Fail> {
+    let items: Vec<(&Message, &str)> = messages.iter().copied().zip(json.iter().copied()).collect();
+    for chunk in items.chunks(INSERT_CHUNK) {
+        let sql = format!(
+            "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, content, created_at, flags) VALUES {}",
+            value_groups(chunk.len(), MESSAGE_NCOLS)
+        );
+        let args = chunk
+            .iter()
+            .flat_map(|(m, content)| {
+                [
+                    Arg::Int(m.id),
+                    Arg::Int(m.room_id),
+                    Arg::Int(m.seq),
+                    Arg::Int(m.sender_id),
+                    Arg::from(m.client_msg_id.as_deref()),
+                    Arg::Text(content),
+                    Arg::Int(m.created_at),
+                    Arg::Int(0),
+                ]
+            })
+            .collect();
+        tx.execute(Stmt::new(sql, args).cached(chunk.len() <= 2 || chunk.len() == INSERT_CHUNK)).await?;
+    }
+    Ok(())
+}
+
+/// One run of the append transaction's body. With `look_up_repeats` off, the
+/// batch's client_msg_ids are taken to be new, and the unique index on
+/// `(sender_id, client_msg_id)` fails the run if one is not.
+async fn append_in<W: WriteTx>(
+    tx: &mut W,
+    prep: &Prepared<'_>,
+    look_up_repeats: bool,
+) -> std::result::Result<Vec<Appended>, Fail> {
+    let batch = prep.batch;
+    // 1. Dedupe against the store.
+    let existing = if look_up_repeats && !prep.pairs.is_empty() {
+        stored_by_client_id(tx, &prep.pairs).await?
+    } else {
+        HashMap::new()
+    };
+    let earlier = |m: &NewMessage| m.client_msg_id.as_ref().and_then(|cid| existing.get(&(m.sender_id, cid.clone())));
+
+    // 2. Reserve seqs room by room, in ascending room id (a fixed lock order).
+    let mut by_room: BTreeMap<RoomId, Vec<usize>> = BTreeMap::new();
+    for (i, m) in batch.iter().enumerate() {
+        if prep.repeat_of[i].is_none() && earlier(m).is_none() {
+            by_room.entry(m.room_id).or_default().push(i);
+        }
+    }
+    let counts: Vec<(RoomId, i64)> = by_room.iter().map(|(room, items)| (*room, items.len() as i64)).collect();
+    let last_seqs = reserve_seqs(tx, &counts).await?;
+    let mut stored: Vec<Option<Message>> = vec![None; batch.len()];
+    for (room, items) in &by_room {
+        let n = items.len() as i64;
+        let last = last_seqs[room];
+        for (k, i) in items.iter().enumerate() {
+            let m = &batch[*i];
+            stored[*i] = Some(Message {
+                id: m.id,
+                room_id: m.room_id,
+                seq: last - n + 1 + k as i64,
+                sender_id: m.sender_id,
+                client_msg_id: m.client_msg_id.clone(),
+                content: m.content.clone(),
+                created_at: m.created_at,
+            });
+        }
     }
 
-    async fn insert_messages(
-        &self,
-        conn: &mut AnyConnection,
-        messages: &[&Message],
-        json: &[&str],
-    ) -> std::result::Result<(), Fail> {
-        let items: Vec<(&Message, &str)> = messages.iter().copied().zip(json.iter().copied()).collect();
-        for chunk in items.chunks(INSERT_CHUNK) {
-            let sql = self.sql_owned(format!(
-                "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, content, created_at, flags) VALUES {}",
-                value_groups(chunk.len(), MESSAGE_NCOLS)
-            ));
-            let mut query = sqlx::query(&sql).persistent(chunk.len() <= 2 || chunk.len() == INSERT_CHUNK);
-            for (m, content) in chunk {
-                query = query
-                    .bind(m.id)
-                    .bind(m.room_id)
-                    .bind(m.seq)
-                    .bind(m.sender_id)
-                    .bind(m.client_msg_id.as_deref())
-                    .bind(*content)
-                    .bind(m.created_at)
-                    .bind(0i64);
-            }
-            query.execute(&mut *conn).await?;
-        }
-        Ok(())
-    }
+    // 3. Insert the new messages, in (room, seq) order.
+    let order: Vec<usize> = by_room.values().flatten().copied().collect();
+    let to_insert: Vec<&Message> = order.iter().filter_map(|i| stored[*i].as_ref()).collect();
+    let json: Vec<&str> = order.iter().map(|i| prep.json[*i].as_str()).collect();
+    insert_messages(tx, &to_insert, &json).await?;
 
-    /// One run of the append transaction. With `look_up_repeats` off, the
-    /// batch's client_msg_ids are taken to be new, and the unique index on
-    /// `(sender_id, client_msg_id)` fails the run if one is not.
-    async fn append_in(
-        &self,
-        conn: &mut AnyConnection,
-        prep: &Prepared<'_>,
-        look_up_repeats: bool,
-    ) -> std::result::Result<Vec<Appended>, Fail> {
-        let batch = prep.batch;
-        // 1. Dedupe against the store.
-        let existing = if look_up_repeats && !prep.pairs.is_empty() {
-            self.stored_by_client_id(conn, &prep.pairs).await?
+    // 4. A sender has read everything up to their own last message.
+    let mut cursors: BTreeMap<(RoomId, UserId), i64> = BTreeMap::new();
+    for m in &to_insert {
+        let seq = cursors.entry((m.room_id, m.sender_id)).or_insert(m.seq);
+        *seq = (*seq).max(m.seq);
+    }
+    let cursors: Vec<((RoomId, UserId), i64)> = cursors.into_iter().collect();
+    advance_read_cursors(tx, &cursors).await?;
+
+    // 5. Outcomes in batch order.
+    let mut out: Vec<Appended> = Vec::with_capacity(batch.len());
+    for (i, m) in batch.iter().enumerate() {
+        let outcome = if let Some(j) = prep.repeat_of[i] {
+            Appended::Duplicate(out[j].message().clone())
+        } else if let Some(message) = earlier(m) {
+            Appended::Duplicate(message.clone())
         } else {
-            HashMap::new()
+            match stored[i].take() {
+                Some(message) => Appended::Stored(message),
+                None => return Err(Fail::Domain(Error::Internal("append lost track of a message".into()))),
+            }
         };
-        let earlier =
-            |m: &NewMessage| m.client_msg_id.as_ref().and_then(|cid| existing.get(&(m.sender_id, cid.clone())));
+        out.push(outcome);
+    }
+    Ok(out)
+}
 
-        // 2. Reserve seqs room by room, in ascending room id (a fixed lock order).
-        let mut by_room: BTreeMap<RoomId, Vec<usize>> = BTreeMap::new();
-        for (i, m) in batch.iter().enumerate() {
-            if prep.repeat_of[i].is_none() && earlier(m).is_none() {
-                by_room.entry(m.room_id).or_default().push(i);
+/// Appends `prep`'s batch in one transaction of `tx`, running it again when
+/// it met a stored client_msg_id without looking (see `MessageStore::append`)
+/// or, on MySQL/PostgreSQL, when the database rolled it back.
+async fn append_with<W: WriteTx>(
+    tx: &mut W,
+    prep: &Prepared<'_>,
+    repeat_seen_ms: &AtomicI64,
+) -> std::result::Result<Vec<Appended>, Fail> {
+    let mut attempt = 1;
+    // Nearly every send is a first try, so the first run does not look its
+    // client_msg_ids up; a repeat fails it on the unique index and it runs
+    // again with the look-up (and so do appends for a while).
+    let mut look_up_repeats = now_ms() - repeat_seen_ms.load(Ordering::Relaxed) < LOOK_UP_AFTER_REPEAT_MS;
+    loop {
+        tx.begin().await?;
+        let result = append_in(tx, prep, look_up_repeats).await;
+        let failure = match finish_tx(tx, result).await {
+            Ok(outcomes) => return Ok(outcomes),
+            Err(f) => f,
+        };
+        match failure.class() {
+            Some(Class::Unique) if !look_up_repeats && !prep.pairs.is_empty() => {
+                look_up_repeats = true;
+                repeat_seen_ms.store(now_ms(), Ordering::Relaxed);
             }
-        }
-        let counts: Vec<(RoomId, i64)> = by_room.iter().map(|(room, items)| (*room, items.len() as i64)).collect();
-        let last_seqs = self.reserve_seqs(conn, &counts).await?;
-        let mut stored: Vec<Option<Message>> = vec![None; batch.len()];
-        for (room, items) in &by_room {
-            let n = items.len() as i64;
-            let last = last_seqs[room];
-            for (k, i) in items.iter().enumerate() {
-                let m = &batch[*i];
-                stored[*i] = Some(Message {
-                    id: m.id,
-                    room_id: m.room_id,
-                    seq: last - n + 1 + k as i64,
-                    sender_id: m.sender_id,
-                    client_msg_id: m.client_msg_id.clone(),
-                    content: m.content.clone(),
-                    created_at: m.created_at,
-                });
+            // SQLite's busy timeout has already waited for the lock.
+            Some(Class::Transient) if attempt < MAX_ATTEMPTS && tx.dialect() != Dialect::Sqlite => {
+                tracing::warn!(attempt, error = %failure, "append transaction rolled back by the database; running it again");
+                tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
+                attempt += 1;
             }
+            _ => return Err(failure),
         }
-
-        // 3. Insert the new messages, in (room, seq) order.
-        let order: Vec<usize> = by_room.values().flatten().copied().collect();
-        let to_insert: Vec<&Message> = order.iter().filter_map(|i| stored[*i].as_ref()).collect();
-        let json: Vec<&str> = order.iter().map(|i| prep.json[*i].as_str()).collect();
-        self.insert_messages(conn, &to_insert, &json).await?;
-
-        // 4. A sender has read everything up to their own last message.
-        let mut cursors: BTreeMap<(RoomId, UserId), i64> = BTreeMap::new();
-        for m in &to_insert {
-            let seq = cursors.entry((m.room_id, m.sender_id)).or_insert(m.seq);
-            *seq = (*seq).max(m.seq);
-        }
-        let cursors: Vec<((RoomId, UserId), i64)> = cursors.into_iter().collect();
-        self.advance_read_cursors(conn, &cursors).await?;
-
-        // 5. Outcomes in batch order.
-        let mut out: Vec<Appended> = Vec::with_capacity(batch.len());
-        for (i, m) in batch.iter().enumerate() {
-            let outcome = if let Some(j) = prep.repeat_of[i] {
-                Appended::Duplicate(out[j].message().clone())
-            } else if let Some(message) = earlier(m) {
-                Appended::Duplicate(message.clone())
-            } else {
-                match stored[i].take() {
-                    Some(message) => Appended::Stored(message),
-                    None => return Err(Fail::Domain(Error::Internal("append lost track of a message".into()))),
-                }
-            };
-            out.push(outcome);
-        }
-        Ok(out)
     }
 }
 
@@ -293,32 +331,28 @@ impl MessageStore for SqlStore {
             if batch.is_empty() {
                 return Ok(Vec::new());
             }
-            let prep = Prepared::new(batch)?;
-            let mut attempt = 1;
-            // Nearly every send is a first try, so the first run does not look
-            // its client_msg_ids up; a repeat fails it on the unique index and
-            // it runs again with the look-up (and so do appends for a while).
-            let repeat_seen = self.repeat_seen_ms.load(Ordering::Relaxed);
-            let mut look_up_repeats = stacker_domain::clock::now_ms() - repeat_seen < LOOK_UP_AFTER_REPEAT_MS;
-            loop {
-                let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
-                let result = self.append_in(&mut tx, &prep, look_up_repeats).await;
-                match finish(tx, result).await {
-                    Ok(outcomes) => return Ok(outcomes),
-                    Err(Fail::Db(e)) if !look_up_repeats && !prep.pairs.is_empty() && classify(&e) == Class::Unique => {
-                        look_up_repeats = true;
-                        self.repeat_seen_ms.store(stacker_domain::clock::now_ms(), Ordering::Relaxed);
-                    }
-                    Err(Fail::Db(e))
-                        if attempt < MAX_ATTEMPTS
-                            && self.dialect != Dialect::Sqlite
-                            && classify(&e) == Class::Transient =>
-                    {
-                        tracing::warn!(attempt, error = %e, "append transaction rolled back by the database; running it again");
-                        tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
-                        attempt += 1;
-                    }
-                    Err(f) => return Err(f.into_error(OP)),
+            match &self.sqlite_writer {
+                // The whole transaction on the writer's thread (its futures never wait).
+                Some(writer) => {
+                    let batch = batch.to_vec();
+                    let repeat_seen_ms = self.repeat_seen_ms.clone();
+                    writer
+                        .run(move |conn| {
+                            let prep = Prepared::new(&batch)?;
+                            // Polled once: nothing on this path waits (a future
+                            // that did would be a bug, reported, not a hang).
+                            append_with(&mut WriterTx::new(conn), &prep, &repeat_seen_ms)
+                                .now_or_never()
+                                .unwrap_or_else(|| {
+                                    Err(Fail::Domain(Error::Internal("a SQLite writer step waited".into())))
+                                })
+                                .map_err(|f| f.into_error(OP))
+                        })
+                        .await?
+                }
+                None => {
+                    let prep = Prepared::new(batch)?;
+                    append_with(&mut PoolTx::new(self), &prep, &self.repeat_seen_ms).await.map_err(|f| f.into_error(OP))
                 }
             }
         })

@@ -82,7 +82,7 @@ pub(crate) fn content_json(content: &Content) -> R<String> {
     serde_json::to_string(content).map_err(|e| Error::Store(format!("cannot encode message content: {e}")))
 }
 
-fn content_from(json: &str) -> R<Content> {
+pub(crate) fn content_from(json: &str) -> R<Content> {
     serde_json::from_str(json).map_err(|e| Error::Store(format!("stored message content is not valid: {e}")))
 }
 

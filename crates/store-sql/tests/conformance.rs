@@ -9,7 +9,7 @@ mod suite;
 use std::sync::Arc;
 
 use stacker_domain::model::*;
-use stacker_domain::store::{RoomStore, Store};
+use stacker_domain::store::{MessageStore, RoomStore, Store};
 use stacker_domain::Error;
 use stacker_store_sql::{Dialect, SqlOptions, SqlStore};
 use stacker_testkit::{fresh_database, DbKind, TestDb};
@@ -143,7 +143,12 @@ async fn closed_pool_is_unavailable(db: &TestDb) -> usize {
         Err(Error::Unavailable(_)) => {}
         other => panic!("a closed pool must report Unavailable, got {other:?}"),
     }
-    1
+    // Appends too (on SQLite they run on a connection of their own).
+    match store.append(&[msg(1, 1, Some("after-close"), "x")]).await {
+        Err(Error::Unavailable(_)) => {}
+        other => panic!("an append to a closed store must report Unavailable, got {other:?}"),
+    }
+    2
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
