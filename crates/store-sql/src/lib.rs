@@ -218,6 +218,8 @@ impl SqlStore {
             Error::Store("unsupported database URL: it must start with sqlite:, mysql:, mariadb: or postgres:".into())
         })?;
         let file_backed = dialect == Dialect::Sqlite && sqlite_path(url).is_some();
+        // The pool's connections and the SQLite writer's (see below) alike.
+        let pragmas = sqlite_pragmas(opts.sqlite_busy_timeout, file_backed);
         let mut url = url.to_string();
         let mut pool = AnyPoolOptions::new()
             .max_connections(opts.max_connections.max(1))
@@ -242,7 +244,7 @@ impl SqlStore {
             // An embedded database has no connection to lose: skip the ping
             // sqlx sends before handing out a pooled connection.
             pool = pool.test_before_acquire(false);
-            let pragmas = sqlite_pragmas(opts.sqlite_busy_timeout, file_backed);
+            let pragmas = pragmas.clone();
             pool = pool.after_connect(move |conn, _meta| {
                 let pragmas = pragmas.clone();
                 Box::pin(async move {
@@ -275,9 +277,8 @@ impl SqlStore {
             // The file sqlx opened (its URL path percent-decoded).
             let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
                 .map_err(|e| Error::Store(format!("bad SQLite URL: {e}")))?;
-            let pragmas = sqlite_pragmas(opts.sqlite_busy_timeout, true);
-            let writer = SqliteWriter::open(options.get_filename().to_path_buf(), opts.sqlite_busy_timeout, pragmas);
-            store.sqlite_writer = Some(Arc::new(writer.await?));
+            let writer = SqliteWriter::open(options.get_filename().to_path_buf(), pragmas).await?;
+            store.sqlite_writer = Some(Arc::new(writer));
         }
         Ok(store)
     }

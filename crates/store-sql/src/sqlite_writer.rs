@@ -15,18 +15,17 @@
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, ToSql};
 use stacker_domain::{Error, Result};
-
-type FailResult<T> = std::result::Result<T, Fail>;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::dialect::Dialect;
 use crate::exec::{Arg, Col, EndTx, Stmt, Val, WriteTx};
 use crate::Fail;
+
+type FailResult<T> = std::result::Result<T, Fail>;
 
 /// Jobs waiting for the writer. The store's callers are the group-commit
 /// writers (one for SQLite), so this rarely holds more than one.
@@ -47,9 +46,10 @@ pub(crate) struct SqliteWriter {
 
 impl SqliteWriter {
     /// Opens the writer's connection to the (existing, migrated) database file
-    /// at `path` with `pragmas` (see `sqlite_pragmas`) and starts its thread.
-    pub(crate) async fn open(path: PathBuf, busy_timeout: Duration, pragmas: Vec<String>) -> Result<Self> {
-        let open = move || open_connection(&path, busy_timeout, &pragmas);
+    /// at `path` with `pragmas` (see `sqlite_pragmas`, which set the busy
+    /// timeout too) and starts its thread.
+    pub(crate) async fn open(path: PathBuf, pragmas: Vec<String>) -> Result<Self> {
+        let open = move || open_connection(&path, &pragmas);
         let (conn, open) = tokio::task::spawn_blocking(move || open().map(|conn| (conn, open)))
             .await
             .map_err(|e| Error::Internal(format!("SQLite writer setup panicked: {e}")))?
@@ -108,10 +108,9 @@ impl SqliteWriter {
     }
 }
 
-fn open_connection(path: &Path, busy_timeout: Duration, pragmas: &[String]) -> rusqlite::Result<Connection> {
+fn open_connection(path: &Path, pragmas: &[String]) -> rusqlite::Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(busy_timeout)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     for pragma in pragmas {
         // `PRAGMA journal_mode` answers with a row; execute_batch ignores it.
