@@ -84,6 +84,17 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // A gateway accepts TCP connections before its first heartbeat registers
+    // it; "up" means the registry can already place a user.
+    let registry = stacker_client::Client::new(format!("http://127.0.0.1:{registry_port}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while registry.available_gateway(stacker_proto::Id(1)).await.is_err() {
+        if Instant::now() > deadline {
+            stop_all(&mut members);
+            anyhow::bail!("no gateway registered with the registry within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     println!("stacker cluster is up:");
     for m in &members {
         println!("  {:<9} http://127.0.0.1:{}", m.role, m.port);

@@ -137,6 +137,24 @@ impl Cluster {
         Ok((gw.gateway_id, gw.ws_url))
     }
 
+    /// Starts a gateway and waits until the registry lists it: a gateway
+    /// prints its "listening" line before its first heartbeat registers it.
+    async fn start_gateway(&mut self) -> usize {
+        let i = self.start("gateway");
+        let id = format!("gw-{}", self.procs[i].port);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let listed = self.internal_get("/registry/gateways").await["data"]["gateways"]
+                .as_array()
+                .is_some_and(|gws| gws.iter().any(|g| g["id"] == id.as_str()));
+            if listed {
+                return i;
+            }
+            assert!(Instant::now() < deadline, "gateway {id} never registered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// How many send instances the registry lists as live.
     async fn live_sends(&self) -> usize {
         let v = self.internal_get("/registry/instances?kind=send").await;
@@ -196,7 +214,7 @@ async fn end_to_end(kind: DbKind) {
     let mut c = Cluster::new(&db.url, &redis, &dir);
     let meta = c.start("meta");
     let send = [c.start("send"), c.start("send")];
-    let gateways = [c.start("gateway"), c.start("gateway")];
+    let gateways = [c.start_gateway().await, c.start_gateway().await];
     c.start("flusher");
 
     // Internal endpoints refuse calls without the credential.
@@ -522,8 +540,8 @@ async fn a_redis_restart_loses_nothing() {
     let mut c = Cluster::new(&db.url, &format!("redis://127.0.0.1:{redis_port}"), &dir);
     let meta = c.start("meta");
     let send = c.start("send");
-    c.start("gateway");
-    c.start("gateway");
+    c.start_gateway().await;
+    c.start_gateway().await;
 
     let anon = Client::new(c.url(meta));
     let mut users = Vec::new();
