@@ -63,8 +63,8 @@ fn dispatch(c: &mut Criterion) {
                         // The sender's devices get its ack first; everyone gets the message.
                         loop {
                             match q.recv().await.expect("connection queue open") {
-                                Push::Message { seq: s, .. } if s == seq => break,
-                                Push::Message { seq: s, .. } => panic!("got seq {s}, expected {seq}"),
+                                Push::Message(chat) if chat.seq == seq => break,
+                                Push::Message(chat) => panic!("got seq {}, expected {seq}", chat.seq),
                                 _ => continue,
                             }
                         }

@@ -10,14 +10,13 @@ use tokio::sync::mpsc;
 
 use super::{DeliveryConfig, Frame, Hub, Push};
 use crate::membership::{MemberCache, MemberList};
-use crate::model::{Message, RoomId};
+use crate::model::Message;
 use stacker_proto::http::ChatMessage;
 use stacker_proto::ws::ServerFrame;
 
 struct Job {
-    room: RoomId,
-    seq: i64,
-    frame: Frame,
+    /// The message's push, built once and shared by its member batches.
+    push: Push,
     members: MemberList,
     range: std::ops::Range<usize>,
     queued_at: Instant,
@@ -54,14 +53,13 @@ impl Dispatcher {
             }
         };
         let frame = Frame::encode(&ServerFrame::Chat(ChatMessage::from(message)));
+        let push = Push::message(message.room_id, message.seq, frame);
         let workers = self.queues.len();
         let depth: usize = self.queues.iter().map(|q| q.max_capacity() - q.capacity()).sum();
         metrics::gauge!("stacker_dispatch_queue_depth").set(depth as f64);
         for (k, start) in (0..members.len()).step_by(self.batch_size).enumerate() {
             let job = Job {
-                room: message.room_id,
-                seq: message.seq,
-                frame: frame.clone(),
+                push: push.clone(),
                 members: members.clone(),
                 range: start..(start + self.batch_size).min(members.len()),
                 queued_at: Instant::now(),
@@ -87,10 +85,9 @@ async fn worker(mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>, enqueue_timeout: Dur
     while let Some(job) = rx.recv().await {
         metrics::histogram!("stacker_dispatch_queue_seconds").record(job.queued_at.elapsed().as_secs_f64());
         let started = Instant::now();
-        let push = Push::Message { room: job.room, seq: job.seq, frame: job.frame.clone() };
         let mut delivered = 0u64;
         for user in &job.members[job.range.clone()] {
-            delivered += hub.push_to_user(*user, &push, enqueue_timeout).await as u64;
+            delivered += hub.push_to_user(*user, &job.push, enqueue_timeout).await as u64;
         }
         metrics::counter!("stacker_pushes_total").increment(delivered);
         metrics::histogram!("stacker_enqueue_seconds").record(started.elapsed().as_secs_f64());

@@ -27,7 +27,7 @@ pub use crate::membership::MemberCache;
 pub use acks::AckBuffer;
 pub use dispatch::Dispatcher;
 pub use frame::Frame;
-pub use hub::{ConnHandle, Hub, Push};
+pub use hub::{Chat, ConnHandle, Hub, Push};
 pub use session::{Close, Session, SessionLimits};
 
 use crate::fanout::Fanout;

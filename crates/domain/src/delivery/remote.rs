@@ -164,9 +164,7 @@ impl Fanout for BusFanout {
 
 fn to_push(push: &BusPush) -> Push {
     match push {
-        BusPush::Message { room, seq, frame } => {
-            Push::Message { room: *room, seq: *seq, frame: Frame::from_string(frame.clone()) }
-        }
+        BusPush::Message { room, seq, frame } => Push::message(*room, *seq, Frame::from_string(frame.clone())),
         BusPush::Frame { frame } => Push::Frame(Frame::from_string(frame.clone())),
         BusPush::Left { room } => Push::Left(*room),
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::{ConnHandle, Frame, Push};
+use super::{Chat, ConnHandle, Frame, Push};
 use crate::model::{HistoryPage, RoomId, UserId};
 use crate::store::Store;
 use crate::Result;
@@ -140,7 +140,8 @@ impl Session {
 
     async fn apply(&mut self, push: Push, out: &mut Vec<Frame>) -> std::result::Result<(), Close> {
         match push {
-            Push::Message { room, seq, frame } => {
+            Push::Message(chat) => {
+                let Chat { room, seq, ref frame } = *chat;
                 let cursor = match self.cursors.get(&room) {
                     Some(c) => *c,
                     // A room joined after connecting: start at the membership's cursor.
@@ -153,7 +154,7 @@ impl Session {
                     },
                 };
                 if seq == cursor + 1 && !self.catch_up.contains(&room) {
-                    out.push(frame);
+                    out.push(frame.clone());
                     self.cursors.insert(room, seq);
                 } else if seq > cursor {
                     // A gap (or a replay in progress): the store has everything up to seq.
@@ -165,7 +166,7 @@ impl Session {
             }
             Push::Frame(frame) => out.push(frame),
             Push::Sync(rooms) => {
-                for (room, seq) in rooms {
+                for (room, seq) in *rooms {
                     if !self.cursors.contains_key(&room)
                         && self.store.member(room, self.handle.user_id).await.map_err(store_close)?.is_none()
                     {
@@ -181,7 +182,7 @@ impl Session {
                 self.cursors.remove(&room);
                 self.catch_up.remove(&room);
             }
-            Push::Close { code, reason } => return Err(Close { code, reason }),
+            Push::Close(close) => return Err(*close),
         }
         Ok(())
     }

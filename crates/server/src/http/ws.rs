@@ -103,16 +103,16 @@ async fn serve(app: AppState, socket: WebSocket, handle: ConnHandle, mut session
             tokio::select! {
                 Some(result) = sends.next(), if !sends.is_empty() => {
                     if let Err(e) = result {
-                        reply_api_error(&app, &handle, e).await;
+                        Box::pin(reply_api_error(&app, &handle, e)).await;
                     }
                 }
                 msg = stream.next(), if sends.len() < MAX_SENDS_IN_FLIGHT => {
                     let msg = msg?;
                     last_seen.store(now_ms(), Ordering::Relaxed);
                     match msg {
-                        Ok(Message::Text(text)) => handle_frame(&app, &handle, &text, &mut sends).await,
+                        Ok(Message::Text(text)) => Box::pin(handle_frame(&app, &handle, &text, &mut sends)).await,
                         Ok(Message::Binary(_)) => {
-                            reply_error(&app, &handle, 400, "binary frames are not supported; send JSON text").await
+                            Box::pin(reply_error(&app, &handle, 400, "binary frames are not supported; send JSON text")).await
                         }
                         Ok(Message::Close(_)) => return None,
                         Ok(_) => {} // ping/pong: answered by the protocol layer
@@ -130,12 +130,24 @@ async fn serve(app: AppState, socket: WebSocket, handle: ConnHandle, mut session
         close = writer => close,
         close = reader => close,
     };
+    // Boxed, like the handling of each frame above: a future's size is its
+    // largest state, and every idle connection's task would carry it.
+    Box::pin(finish(&app, &mut sink, &handle, close)).await;
+}
+
+/// Sends the close frame, if any, and forgets the connection.
+async fn finish(
+    app: &AppState,
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    handle: &ConnHandle,
+    close: Option<Close>,
+) {
     if let Some(close) = close {
         let frame = CloseFrame { code: close.code, reason: close.reason.into() };
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
     }
-    app.delivery.disconnect(&handle);
-    route_closed(&app, handle.user_id).await;
+    app.delivery.disconnect(handle);
+    route_closed(app, handle.user_id).await;
 }
 
 /// Distributed: a connection of `user` on this gateway closed.
@@ -168,30 +180,9 @@ async fn write_loop(
     let mut heartbeat = tokio::time::interval(Duration::from_secs(config.heartbeat_s.max(1)));
     heartbeat.tick().await;
     loop {
-        if !frames.is_empty() {
-            let n = frames.len();
-            let bytes: usize = frames.iter().map(Frame::len).sum();
-            let write = async {
-                for frame in frames.drain(..) {
-                    let text = Utf8Bytes::try_from(frame.into_bytes()).map_err(|_| ())?;
-                    sink.feed(Message::Text(text)).await.map_err(|_| ())?;
-                }
-                sink.flush().await.map_err(|_| ())
-            };
-            match tokio::time::timeout(write_timeout, write).await {
-                Ok(Ok(())) => {
-                    metrics::counter!("stacker_frames_written_total").increment(n as u64);
-                    metrics::counter!("stacker_bytes_written_total").increment(bytes as u64);
-                }
-                Ok(Err(())) => {
-                    metrics::counter!("stacker_write_errors_total").increment(1);
-                    return None;
-                }
-                Err(_) => {
-                    metrics::counter!("stacker_slow_consumer_disconnects_total").increment(1);
-                    return None; // the peer stopped reading; it catches up on reconnect
-                }
-            }
+        // Boxed: it is the writer's largest state, and idle tasks would carry it.
+        if !frames.is_empty() && !Box::pin(write_frames(sink, &mut frames, write_timeout)).await {
+            return None;
         }
         tokio::select! {
             biased;
@@ -209,9 +200,47 @@ async fn write_loop(
             }
             next = session.next(&mut frames) => {
                 if let Err(close) = next {
+                    // What the session took before the close goes out first
+                    // (acks and events are not replayed on reconnect).
+                    if !frames.is_empty() && !Box::pin(write_frames(sink, &mut frames, write_timeout)).await {
+                        return None;
+                    }
                     return Some(close);
                 }
             }
+        }
+    }
+}
+
+/// Writes and flushes `frames` (draining it); false when the socket is gone or
+/// the peer stopped reading for `timeout`.
+async fn write_frames(
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    frames: &mut Vec<Frame>,
+    timeout: Duration,
+) -> bool {
+    let n = frames.len();
+    let bytes: usize = frames.iter().map(Frame::len).sum();
+    let write = async {
+        for frame in frames.drain(..) {
+            let text = Utf8Bytes::try_from(frame.into_bytes()).map_err(|_| ())?;
+            sink.feed(Message::Text(text)).await.map_err(|_| ())?;
+        }
+        sink.flush().await.map_err(|_| ())
+    };
+    match tokio::time::timeout(timeout, write).await {
+        Ok(Ok(())) => {
+            metrics::counter!("stacker_frames_written_total").increment(n as u64);
+            metrics::counter!("stacker_bytes_written_total").increment(bytes as u64);
+            true
+        }
+        Ok(Err(())) => {
+            metrics::counter!("stacker_write_errors_total").increment(1);
+            false
+        }
+        Err(_) => {
+            metrics::counter!("stacker_slow_consumer_disconnects_total").increment(1);
+            false // the peer stopped reading; it catches up on reconnect
         }
     }
 }
@@ -238,7 +267,7 @@ async fn handle_frame(
         ClientFrame::Ack { room_id, seq } => app.delivery.ack(handle.user_id, &handle.device_id, room_id.0, seq).await,
         ClientFrame::Sync { cursors } => {
             let rooms = cursors.into_iter().map(|(room, seq)| (room.0, seq)).collect();
-            handle.offer(Push::Sync(rooms), app.delivery_enqueue_timeout()).await;
+            handle.offer(Push::Sync(Box::new(rooms)), app.delivery_enqueue_timeout()).await;
             Ok(())
         }
         // The ack frame reaches every device of the sender from the delivery side.
