@@ -1,10 +1,12 @@
 //! `stacker`: the standalone server (default) and the distributed roles.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use tokio::net::TcpSocket;
 
 mod local_cluster;
 
@@ -112,9 +114,7 @@ async fn standalone(config: Config, config_file: Option<PathBuf>) -> anyhow::Res
     let logging = stacker_server::telemetry::init_logging(&config.log)?;
     let listen = config.server.listen;
     let app = Arc::new(App::build(config).await?);
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("config: server.listen: cannot bind {listen}: {e}"))?;
+    let listener = bind(listen)?;
     tracing::info!(addr = %listener.local_addr()?, "stacker standalone listening");
     tokio::spawn(reload_on_sighup(app.clone(), logging, config_file));
     stacker_server::run(listener, app, shutdown_signal()).await?;
@@ -125,13 +125,30 @@ async fn standalone(config: Config, config_file: Option<PathBuf>) -> anyhow::Res
 async fn distributed(role: ClusterRole, config: Config) -> anyhow::Result<()> {
     let _logging = stacker_server::telemetry::init_logging(&config.log)?;
     let listen = config.server.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("config: server.listen: cannot bind {listen}: {e}"))?;
+    let listener = bind(listen)?;
     tracing::info!(role = role.name(), addr = %listener.local_addr()?, "stacker role listening");
     run_role(role, config, listener, shutdown_signal()).await?;
     tracing::info!(role = role.name(), "stopped");
     Ok(())
+}
+
+/// Connections the kernel may hold ready for `accept` (Linux caps this at
+/// `net.core.somaxconn`: 4,096 by default since Linux 5.4, 128 before). tokio's `TcpListener::bind` asks
+/// for 1,024, and a reconnect storm of 10,000 clients overflowed it: the
+/// dropped handshakes were retried only on the clients' timers, and the storm
+/// took 30 s instead of a few.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = (|| {
+        let socket = if listen.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
+        // As tokio's own `bind` (on Windows it would let another process share the port).
+        #[cfg(unix)]
+        socket.set_reuseaddr(true)?;
+        socket.bind(listen)?;
+        socket.listen(LISTEN_BACKLOG)
+    })();
+    listener.map_err(|e| anyhow::anyhow!("config: server.listen: cannot bind {listen}: {e}"))
 }
 
 /// SIGHUP re-reads the config (file and environment) and applies the keys that
@@ -180,5 +197,23 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bind_accepts_and_reports_a_taken_address() {
+        let listener = bind("127.0.0.1:0".parse().expect("an address")).expect("bind a free port");
+        let addr = listener.local_addr().expect("the bound address");
+        let client = tokio::net::TcpStream::connect(addr);
+        let (accepted, connected) = tokio::join!(listener.accept(), client);
+        connected.expect("the client connects");
+        accepted.expect("the listener accepts");
+
+        let taken = bind(addr).expect_err("the address is in use");
+        assert!(taken.to_string().contains(&format!("cannot bind {addr}")), "{taken}");
     }
 }
