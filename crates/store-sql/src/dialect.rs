@@ -61,7 +61,17 @@ impl fmt::Display for Dialect {
 
 /// Rewrites `?` placeholders as `$1, $2, …`, leaving quoted text alone.
 pub(crate) fn numbered_placeholders(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len() + 16);
+    replace_placeholders(sql, 16, |n, out| {
+        out.push('$');
+        out.push_str(&(n + 1).to_string());
+    })
+}
+
+/// `sql` with its `?` placeholders outside quoted text replaced: `write(n, out)`
+/// writes the `n`th (from 0) into `out`. For SQL written in this crate: it
+/// knows `'…'` and `"…"` quoting, not comments, backticks or backslash escapes.
+pub(crate) fn replace_placeholders(sql: &str, extra: usize, mut write: impl FnMut(usize, &mut String)) -> String {
+    let mut out = String::with_capacity(sql.len() + extra);
     let mut n = 0usize;
     let mut quote: Option<char> = None;
     for c in sql.chars() {
@@ -74,9 +84,8 @@ pub(crate) fn numbered_placeholders(sql: &str) -> String {
             }
             None => match c {
                 '?' => {
+                    write(n, &mut out);
                     n += 1;
-                    out.push('$');
-                    out.push_str(&n.to_string());
                 }
                 '\'' | '"' => {
                     quote = Some(c);

@@ -1,6 +1,7 @@
 //! A write transaction as the append path sees it: statements as SQL text
-//! plus arguments, run either on a pooled sqlx connection ([`PoolTx`]) or on
-//! the SQLite writer thread's own connection (`sqlite_writer::WriterTx`).
+//! plus arguments, run on a pooled sqlx connection ([`PoolTx`]; on MySQL
+//! `mysql_batch::BatchedTx`, several per round trip) or on the SQLite writer
+//! thread's own connection (`sqlite_writer::WriterTx`).
 //! The append logic is written once, against [`WriteTx`].
 
 use std::future::Future;
@@ -193,20 +194,25 @@ impl WriteTx for PoolTx<'_> {
         let sql = self.store.sql_owned(stmt.sql);
         let tx = self.open()?;
         let found = bind(sqlx::query(&sql).persistent(stmt.cache), &stmt.args).fetch_all(&mut **tx).await?;
-        let mut out = Vec::with_capacity(found.len());
-        for row in &found {
-            let vals = cols
-                .iter()
-                .enumerate()
-                .map(|(i, col)| match col {
-                    Col::Int => rows::int(row, i).map(Val::Int),
-                    Col::Text => rows::opt_text(row, i).map(Val::Text),
-                })
-                .collect::<rows::R<Vec<_>>>()?;
-            out.push(vals);
-        }
-        Ok(out)
+        decode_rows(&found, cols)
     }
+}
+
+/// The `cols` of each row.
+pub(crate) fn decode_rows(found: &[sqlx::any::AnyRow], cols: &[Col]) -> Result<Vec<Vec<Val>>, Fail> {
+    let mut out = Vec::with_capacity(found.len());
+    for row in found {
+        let vals = cols
+            .iter()
+            .enumerate()
+            .map(|(i, col)| match col {
+                Col::Int => rows::int(row, i).map(Val::Int),
+                Col::Text => rows::opt_text(row, i).map(Val::Text),
+            })
+            .collect::<rows::R<Vec<_>>>()?;
+        out.push(vals);
+    }
+    Ok(out)
 }
 
 impl Fail {

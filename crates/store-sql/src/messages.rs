@@ -12,12 +12,17 @@ use stacker_domain::{Error, Result};
 use crate::dialect::{placeholders, value_groups, Dialect};
 use crate::error::{map_err, observe, Class};
 use crate::exec::{finish_tx, Arg, Col, PoolTx, Stmt, Val, WriteTx};
+use crate::mysql_batch::BatchedTx;
 use crate::rows;
 use crate::sqlite_writer::WriterTx;
 use crate::{Fail, SqlStore};
 
 /// Most rows in one multi-row `INSERT` (8 parameters each).
 const INSERT_CHUNK: usize = 100;
+/// ...and most content bytes: one statement stays well inside a packet
+/// (MariaDB's `max_allowed_packet` is 16 MiB by default, and on MySQL the
+/// text goes as hex, twice its size).
+const INSERT_CHUNK_BYTES: usize = 1 << 20;
 /// Most `(sender, client_msg_id)` pairs looked up in one statement.
 const DEDUPE_CHUNK: usize = 200;
 /// Runs of an append transaction that hit a deadlock or serialization failure
@@ -185,7 +190,21 @@ async fn insert_messages<W: WriteTx>(
     json: &[&str],
 ) -> std::result::Result<(), Fail> {
     let items: Vec<(&Message, &str)> = messages.iter().copied().zip(json.iter().copied()).collect();
-    for chunk in items.chunks(INSERT_CHUNK) {
+    let mut rest = &items[..];
+    while !rest.is_empty() {
+        // As many rows as fit INSERT_CHUNK and INSERT_CHUNK_BYTES (at least one).
+        let mut bytes = 0;
+        let rows = rest
+            .iter()
+            .take(INSERT_CHUNK)
+            .take_while(|(_, content)| {
+                bytes += content.len();
+                bytes <= INSERT_CHUNK_BYTES
+            })
+            .count()
+            .max(1);
+        let (chunk, tail) = rest.split_at(rows);
+        rest = tail;
         let sql = format!(
             "INSERT INTO messages (id, room_id, seq, sender_id, client_msg_id, content, created_at, flags) VALUES {}",
             value_groups(chunk.len(), MESSAGE_NCOLS)
@@ -352,7 +371,12 @@ impl MessageStore for SqlStore {
                 }
                 None => {
                     let prep = Prepared::new(batch)?;
-                    append_with(&mut PoolTx::new(self), &prep, &self.repeat_seen_ms).await.map_err(|f| f.into_error(OP))
+                    let appended = match self.dialect {
+                        // Several statements per round trip (see `mysql_batch`).
+                        Dialect::Mysql => append_with(&mut BatchedTx::new(self), &prep, &self.repeat_seen_ms).await,
+                        _ => append_with(&mut PoolTx::new(self), &prep, &self.repeat_seen_ms).await,
+                    };
+                    appended.map_err(|f| f.into_error(OP))
                 }
             }
         })

@@ -14,7 +14,8 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, ToSql};
@@ -47,8 +48,10 @@ pub(crate) struct SqliteWriter {
 impl SqliteWriter {
     /// Opens the writer's connection to the (existing, migrated) database file
     /// at `path` with `pragmas` (see `sqlite_pragmas`, which set the busy
-    /// timeout too) and starts its thread.
-    pub(crate) async fn open(path: PathBuf, pragmas: Vec<String>) -> Result<Self> {
+    /// timeout too) and starts its thread. Whenever `finish_checkpoint` is set
+    /// (by the background checkpointer), the thread checkpoints once the job
+    /// it runs next is done, and clears it.
+    pub(crate) async fn open(path: PathBuf, pragmas: Vec<String>, finish_checkpoint: Arc<AtomicBool>) -> Result<Self> {
         let open = move || open_connection(&path, &pragmas);
         let (conn, open) = tokio::task::spawn_blocking(move || open().map(|conn| (conn, open)))
             .await
@@ -76,6 +79,9 @@ impl SqliteWriter {
                                 Err(e) => tracing::error!(error = %e, "cannot reopen the SQLite writer connection"),
                             }
                         }
+                    }
+                    if finish_checkpoint.swap(false, Ordering::AcqRel) {
+                        finish_wal_checkpoint(&conn);
                     }
                 }
             })
@@ -106,6 +112,33 @@ impl SqliteWriter {
         jobs.send(job).await.map_err(|_| closed())?;
         answer.await.map_err(|_| Error::Internal("the SQLite writer failed on this batch".into()))
     }
+}
+
+/// Copies what was committed since the background checkpoint started (and
+/// anything readers held back from it), so that the next transaction can
+/// restart the WAL. PASSIVE never waits: with another checkpoint running it
+/// answers busy at once.
+fn finish_wal_checkpoint(conn: &Connection) {
+    let started = std::time::Instant::now();
+    // Answers (busy, WAL pages, pages copied).
+    let checkpoint = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+    });
+    let result = match checkpoint {
+        Ok((0, wal_pages, copied)) => {
+            tracing::trace!(wal_pages, copied, "writer finished a WAL checkpoint");
+            "done"
+        }
+        Ok(_) => "busy",
+        // The background checkpointer retries and reports lasting failures.
+        Err(e) => {
+            tracing::debug!(error = %e, "writer's WAL checkpoint failed");
+            "failed"
+        }
+    };
+    metrics::counter!("stacker_sqlite_writer_checkpoints_total", "result" => result).increment(1);
+    // Appends wait for it: this is the writer's share of checkpointing.
+    metrics::histogram!("stacker_sqlite_writer_checkpoint_seconds").record(started.elapsed().as_secs_f64());
 }
 
 fn open_connection(path: &Path, pragmas: &[String]) -> rusqlite::Result<Connection> {
@@ -205,5 +238,87 @@ impl WriteTx for WriterTx<'_> {
 impl From<rusqlite::Error> for Fail {
     fn from(e: rusqlite::Error) -> Self {
         Fail::Sqlite(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database file in a directory of its own, removed when dropped.
+    struct TempDb(PathBuf);
+
+    impl TempDb {
+        fn new(name: &str) -> Self {
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+            let dir = std::env::temp_dir().join(format!("stacker-writer-{name}-{}-{nanos}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("create the test directory");
+            Self(dir)
+        }
+
+        fn file(&self) -> PathBuf {
+            self.0.join("t.db")
+        }
+
+        fn wal_bytes(&self) -> u64 {
+            std::fs::metadata(self.0.join("t.db-wal")).map_or(0, |m| m.len())
+        }
+    }
+
+    impl Drop for TempDb {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    async fn insert_rows(writer: &SqliteWriter) {
+        writer
+            .run(|conn| {
+                let tx = conn.transaction()?;
+                for i in 0..2000 {
+                    tx.execute("INSERT INTO t (body) VALUES (?1)", [format!("row {i} {}", "x".repeat(100))])?;
+                }
+                tx.commit()
+            })
+            .await
+            .expect("the writer answers")
+            .expect("the rows are inserted");
+    }
+
+    /// Size of the WAL after two equal transactions, the writer asked to
+    /// finish a checkpoint between them when `finish` is set.
+    async fn wal_after_two_transactions(finish: bool) -> (u64, u64) {
+        let db = TempDb::new(if finish { "finish" } else { "control" });
+        let pragmas = vec!["PRAGMA journal_mode = WAL".to_string(), "PRAGMA wal_autocheckpoint = 0".to_string()];
+        let conn = Connection::open(db.file()).expect("create the database");
+        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+            .expect("create the table");
+        conn.close().map_err(|(_, e)| e).expect("close the setup connection");
+
+        let flag = Arc::new(AtomicBool::new(false));
+        let writer = SqliteWriter::open(db.file(), pragmas, flag.clone()).await.expect("open the writer");
+        insert_rows(&writer).await;
+        let first = db.wal_bytes();
+        flag.store(finish, Ordering::Release);
+        // The flag is read after a job: this one only lets the writer see it.
+        writer.run(|_| ()).await.expect("the writer answers");
+        insert_rows(&writer).await;
+        let second = db.wal_bytes();
+        writer.close().await;
+        assert!(!flag.load(Ordering::Acquire), "the writer clears the flag it acted on");
+        (first, second)
+    }
+
+    #[tokio::test]
+    async fn a_finished_checkpoint_restarts_the_wal() {
+        let (first, second) = wal_after_two_transactions(true).await;
+        assert!(first > 0, "the first transaction went to the WAL");
+        // The second transaction wrote the WAL again from its start (a few
+        // more pages than the first: the table grew).
+        assert!(second < first + first / 4, "the WAL restarted instead of growing ({first} -> {second})");
+
+        // Without the writer's checkpoint (and no autocheckpoint) it grows.
+        let (first, second) = wal_after_two_transactions(false).await;
+        assert!(second > first + first / 2, "control: the WAL grows without a checkpoint ({first} -> {second})");
     }
 }

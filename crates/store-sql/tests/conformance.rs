@@ -218,8 +218,10 @@ async fn sqlite_wal_is_checkpointed_in_the_background() {
 #[tokio::test]
 async fn sqlite_creates_directory() {
     let dir = std::env::temp_dir().join(format!("stacker-store-test-{}", suite::id() ^ std::process::id() as i64));
-    let path = dir.join("nested/deeper/stacker.db");
-    let url = format!("sqlite://{}", path.display());
+    // A percent-escaped space: the directory created is the decoded one,
+    // which is where sqlx opens the file.
+    let path = dir.join("nested/with space/stacker.db");
+    let url = format!("sqlite://{}", path.display()).replace(' ', "%20");
     let store = SqlStore::connect(&url, SqlOptions::default()).await.expect("connect creates the file");
     store.ping().await.unwrap();
     assert!(path.exists());

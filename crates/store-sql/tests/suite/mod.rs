@@ -524,6 +524,14 @@ async fn append_duplicates(s: DynStore) {
     assert_eq!(duplicate(&again[0]), &two);
     assert_eq!(duplicate(&again[3]), &two);
     assert_gapless(&s, room.id, 7).await;
+
+    // Ids with quotes, backslashes and non-ASCII text are matched exactly.
+    let odd = "c-'q' \\ \"d\" ✓ 😀";
+    let first = s.append(&[msg(room.id, a.id, Some(odd), "odd")]).await.unwrap();
+    assert_eq!(stored(&first[0]).client_msg_id.as_deref(), Some(odd));
+    let retry = s.append(&[msg(room.id, a.id, Some(odd), "odd again")]).await.unwrap();
+    assert_eq!(duplicate(&retry[0]), stored(&first[0]));
+    assert_gapless(&s, room.id, 8).await;
 }
 
 async fn append_rooms_and_cursors(s: DynStore) {
@@ -577,6 +585,23 @@ async fn append_many_rooms(s: DynStore) {
         assert_eq!(s.member(*room, a.id).await.unwrap().unwrap().read_seq, 1, "room {k}");
         assert_eq!(s.member(*room, b.id).await.unwrap().unwrap().read_seq, 2, "room {k}");
     }
+}
+
+/// A batch whose contents add up to several MiB (the insert is split by bytes
+/// as well as by rows, and a statement must fit the database's packet limit).
+async fn append_large_contents(s: DynStore) {
+    let a = make_user(&s, "big_a").await;
+    let room = make_room(&s, "big", a.id, &[], 1).await;
+    let batch: Vec<NewMessage> = (0..150)
+        .map(|i| msg(room.id, a.id, Some(&format!("big-{i}")), &format!("{i:03} {}", "✓ big ".repeat(1800))))
+        .collect();
+    let out = s.append(&batch).await.unwrap();
+    assert_eq!(out.iter().map(|o| stored(o).seq).collect::<Vec<_>>(), (1..=150).collect::<Vec<i64>>());
+    for i in [0, 67, 149] {
+        let m = s.message(stored(&out[i]).id).await.unwrap().expect("stored");
+        assert_eq!(m.content, batch[i].content, "content {i} round trip");
+    }
+    assert_gapless(&s, room.id, 150).await;
 }
 
 async fn append_missing_room(s: DynStore) {
@@ -804,6 +829,7 @@ pub async fn run(s: DynStore) -> usize {
         append_duplicates,
         append_rooms_and_cursors,
         append_many_rooms,
+        append_large_contents,
         append_missing_room,
         history,
         room_summaries,
