@@ -43,6 +43,17 @@ impl Dialect {
         }
     }
 
+    /// Most rows one statement of a batch should carry, given the most that
+    /// fit. On SQLite, one: there is no round trip to save, and a one-row
+    /// statement is prepared once and cached, while every other row count is
+    /// a statement of its own shape, parsed and planned again.
+    pub(crate) fn rows_per_statement(self, most: usize) -> usize {
+        match self {
+            Dialect::Sqlite => 1,
+            Dialect::Mysql | Dialect::Postgres => most,
+        }
+    }
+
     /// `INSERT` that skips rows whose key exists: the statement head (up to
     /// `VALUES`) and its tail.
     pub(crate) fn insert_ignore(self) -> (&'static str, &'static str) {

@@ -122,7 +122,7 @@ async fn reserve_seqs<W: WriteTx>(
     rooms: &[(RoomId, i64)],
 ) -> std::result::Result<HashMap<RoomId, i64>, Fail> {
     let mut last = HashMap::with_capacity(rooms.len());
-    for chunk in rooms.chunks(ROOM_CHUNK) {
+    for chunk in rooms.chunks(tx.dialect().rows_per_statement(ROOM_CHUNK)) {
         let case = "WHEN ? THEN ? ".repeat(chunk.len());
         let ids = placeholders(chunk.len());
         let update = format!("UPDATE rooms SET last_seq = last_seq + CASE id {case}END WHERE id IN ({ids})");
@@ -170,7 +170,7 @@ async fn advance_read_cursors<W: WriteTx>(
         Dialect::Sqlite => "MAX",
         Dialect::Mysql | Dialect::Postgres => "GREATEST",
     };
-    for chunk in cursors.chunks(CURSOR_CHUNK) {
+    for chunk in cursors.chunks(tx.dialect().rows_per_statement(CURSOR_CHUNK)) {
         let case = "WHEN room_id = ? AND user_id = ? THEN ? ".repeat(chunk.len());
         let cond = vec!["(room_id = ? AND user_id = ?)"; chunk.len()].join(" OR ");
         let sql = format!(
@@ -190,13 +190,14 @@ async fn insert_messages<W: WriteTx>(
     json: &[&str],
 ) -> std::result::Result<(), Fail> {
     let items: Vec<(&Message, &str)> = messages.iter().copied().zip(json.iter().copied()).collect();
+    let most_rows = tx.dialect().rows_per_statement(INSERT_CHUNK);
     let mut rest = &items[..];
     while !rest.is_empty() {
         // As many rows as fit INSERT_CHUNK and INSERT_CHUNK_BYTES (at least one).
         let mut bytes = 0;
         let rows = rest
             .iter()
-            .take(INSERT_CHUNK)
+            .take(most_rows)
             .take_while(|(_, content)| {
                 bytes += content.len();
                 bytes <= INSERT_CHUNK_BYTES
@@ -224,7 +225,7 @@ async fn insert_messages<W: WriteTx>(
                 ]
             })
             .collect();
-        tx.execute(Stmt::new(sql, args).cached(chunk.len() <= 2 || chunk.len() == INSERT_CHUNK)).await?;
+        tx.execute(Stmt::new(sql, args).cached(chunk.len() <= 2 || chunk.len() == most_rows)).await?;
     }
     Ok(())
 }
