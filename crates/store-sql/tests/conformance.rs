@@ -187,7 +187,7 @@ async fn sqlite_wal_is_checkpointed_in_the_background() {
     let path = db.sqlite_path().expect("a SQLite test database is a file");
     let file_len = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let wal_pages: (i64,) = sqlx::query_as("PRAGMA wal_autocheckpoint").fetch_one(store.pool()).await.unwrap();
-    assert_eq!(wal_pages.0, 4000, "writers checkpoint only at a large WAL");
+    assert_eq!(wal_pages.0, 32_768, "writers checkpoint only at a large WAL");
     let s: DynStore = Arc::new(store.clone());
     let u = make_user(&s, "ckpt").await;
     let room = make_room(&s, "ckpt", u.id, &[], 1).await;
