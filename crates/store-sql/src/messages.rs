@@ -77,7 +77,7 @@ async fn stored_by_client_id<W: WriteTx>(
     pairs: &[(UserId, &str)],
 ) -> std::result::Result<HashMap<(UserId, String), Message>, Fail> {
     let mut found = HashMap::new();
-    for chunk in pairs.chunks(DEDUPE_CHUNK) {
+    for chunk in pairs.chunks(tx.dialect().rows_per_statement(DEDUPE_CHUNK)) {
         // OR of equalities on (sender_id, client_msg_id): a range/index look-up
         // on the unique index on every database (unlike a cross-product of two
         // IN lists, which fetches other senders' rows).
