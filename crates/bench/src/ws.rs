@@ -327,7 +327,7 @@ mod tests {
             seq: 5,
             sender_id: Id(1),
             client_msg_id: Some("x".into()),
-            content: content.clone(),
+            content: content.clone().into(),
             created_at: 1,
         });
         let text = serde_json::to_string(&chat).unwrap();
@@ -344,7 +344,7 @@ mod tests {
                 seq: 1,
                 sender_id: Id(1),
                 client_msg_id: None,
-                content: Content::text("hi"),
+                content: Content::text("hi").into(),
                 created_at: 1,
             }],
         };

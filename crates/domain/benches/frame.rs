@@ -19,7 +19,7 @@ fn message(content: Content) -> Message {
         seq: 123_456,
         sender_id: 7_324_000_000_000_000_003,
         client_msg_id: Some("c-0123456789".into()),
-        content,
+        content: content.into(),
         created_at: 1_700_000_000_000,
     }
 }

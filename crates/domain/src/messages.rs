@@ -92,8 +92,14 @@ impl Messages {
         validate::content(&content, self.limits().max_content_bytes)?;
         self.rooms.require_sender(room_id, sender).await?;
         let now = now_ms();
-        let message =
-            NewMessage { id: self.ids.next_id(), room_id, sender_id: sender, client_msg_id, content, created_at: now };
+        let message = NewMessage {
+            id: self.ids.next_id(),
+            room_id,
+            sender_id: sender,
+            client_msg_id,
+            content: Arc::new(content),
+            created_at: now,
+        };
         // The committer acknowledges and pushes it once stored.
         let stored = self.committer.submit(message).await?;
         Ok(async move {

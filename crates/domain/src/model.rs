@@ -1,5 +1,7 @@
 //! Plain domain records.
 
+use std::sync::Arc;
+
 pub use stacker_proto::http::{JoinPolicy, JoinRequestStatus};
 pub use stacker_proto::Content;
 
@@ -105,7 +107,9 @@ pub struct NewMessage {
     pub room_id: RoomId,
     pub sender_id: UserId,
     pub client_msg_id: Option<String>,
-    pub content: Content,
+    /// Shared, never changed: a message's content is passed along (store,
+    /// ack, fan-out) far more often than it is built.
+    pub content: Arc<Content>,
     pub created_at: i64,
 }
 
@@ -116,7 +120,7 @@ pub struct Message {
     pub seq: i64,
     pub sender_id: UserId,
     pub client_msg_id: Option<String>,
-    pub content: Content,
+    pub content: Arc<Content>,
     pub created_at: i64,
 }
 

@@ -1,5 +1,7 @@
 //! Bodies of the HTTP API (SPEC §2). Every response is wrapped in [`Envelope`].
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{Content, Id};
@@ -254,7 +256,8 @@ pub struct ChatMessage {
     pub seq: i64,
     pub sender_id: Id,
     pub client_msg_id: Option<String>,
-    pub content: Content,
+    /// Shared: one stored message's content goes into many frames.
+    pub content: Arc<Content>,
     pub created_at: i64,
 }
 

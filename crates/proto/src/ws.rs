@@ -118,7 +118,7 @@ mod tests {
             seq: 3,
             sender_id: Id(1),
             client_msg_id: None,
-            content: Content::text("hi"),
+            content: Content::text("hi").into(),
             created_at: 5,
         });
         let v = serde_json::to_value(&chat).unwrap();

@@ -340,8 +340,8 @@ async fn messages_history_and_room_list() {
     let before = b.history(room, Some(3), None, Some(10)).await.unwrap();
     assert_eq!(before.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
     assert!(!before.has_more);
-    assert_eq!(before.messages[0].content, contents[0]);
-    assert_eq!(before.messages[1].content, contents[1]);
+    assert_eq!(*before.messages[0].content, contents[0]);
+    assert_eq!(*before.messages[1].content, contents[1]);
     let after = b.history(room, None, Some(20), Some(5)).await.unwrap();
     assert_eq!(after.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![21, 22, 23, 24, 25]);
     assert!(after.has_more);

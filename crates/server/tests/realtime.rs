@@ -143,7 +143,7 @@ async fn every_member_and_every_device_gets_every_message() {
                     saw_ack = true;
                 }
                 ServerFrame::Chat(m) => {
-                    assert_eq!((m.seq, m.content.clone()), (1, Content::text("over http")));
+                    assert_eq!((m.seq, (*m.content).clone()), (1, Content::text("over http")));
                     saw_chat = true;
                 }
                 _ => {}

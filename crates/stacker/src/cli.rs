@@ -122,7 +122,7 @@ fn load_session(cli: &Cli) -> Result<Client, String> {
 }
 
 fn print_message(m: &ChatMessage) {
-    let body = match &m.content {
+    let body = match &*m.content {
         Content::Text { text } => text.clone(),
         other => serde_json::to_string(other).unwrap_or_default(),
     };

@@ -17,7 +17,7 @@ fn batch(rooms: &[i64], sender: i64, n: usize) -> Vec<NewMessage> {
             room_id: rooms[i % rooms.len()],
             sender_id: sender,
             client_msg_id: Some(format!("c{}", common::next_id())),
-            content: Content::text("a message of about sixty-four bytes, as chat messages often are"),
+            content: Content::text("a message of about sixty-four bytes, as chat messages often are").into(),
             created_at: 1_700_000_000_000,
         })
         .collect()

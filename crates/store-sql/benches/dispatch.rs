@@ -54,7 +54,8 @@ fn dispatch(c: &mut Criterion) {
                         seq,
                         sender_id: users[0],
                         client_msg_id: Some(format!("c{seq}")),
-                        content: Content::text("a message of about sixty-four bytes, as chat messages often are"),
+                        content: Content::text("a message of about sixty-four bytes, as chat messages often are")
+                            .into(),
                         created_at: 1_700_000_000_000,
                     };
                     let started = Instant::now();

@@ -4,6 +4,8 @@
 //! leniently: MySQL reports `TEXT`/`MEDIUMTEXT` columns as blobs through sqlx's
 //! `Any` driver, so a string column may arrive as bytes.
 
+use std::sync::Arc;
+
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use stacker_domain::model::*;
@@ -82,7 +84,7 @@ pub(crate) fn content_json(content: &Content) -> R<String> {
     serde_json::to_string(content).map_err(|e| Error::Store(format!("cannot encode message content: {e}")))
 }
 
-pub(crate) fn content_from(json: &str) -> R<Content> {
+pub(crate) fn content_from(json: &str) -> R<Arc<Content>> {
     serde_json::from_str(json).map_err(|e| Error::Store(format!("stored message content is not valid: {e}")))
 }
 

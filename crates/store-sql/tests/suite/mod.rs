@@ -57,7 +57,7 @@ pub fn msg(room: RoomId, sender: UserId, client_msg_id: Option<&str>, text: &str
         room_id: room,
         sender_id: sender,
         client_msg_id: client_msg_id.map(str::to_string),
-        content: Content::text(text),
+        content: Content::text(text).into(),
         created_at: 1_700_000_000_000,
     }
 }
@@ -450,7 +450,11 @@ async fn append_basics(s: DynStore) {
     let batch: Vec<NewMessage> = contents
         .iter()
         .enumerate()
-        .map(|(i, c)| NewMessage { content: c.clone(), created_at: 1_000 + i as i64, ..msg(room.id, a.id, None, "") })
+        .map(|(i, c)| NewMessage {
+            content: c.clone().into(),
+            created_at: 1_000 + i as i64,
+            ..msg(room.id, a.id, None, "")
+        })
         .collect();
     let out = s.append(&batch).await.unwrap();
     assert_eq!(out.len(), batch.len(), "one result per message, in batch order");
@@ -649,7 +653,7 @@ async fn history(s: DynStore) {
     assert!(s.history(empty.id, HistoryPage::Latest { limit: 10 }).await.unwrap().is_empty());
     assert!(s.history(-1, HistoryPage::After { seq: 0, limit: 10 }).await.unwrap().is_empty());
     let page = s.history(room.id, HistoryPage::After { seq: 0, limit: 1 }).await.unwrap();
-    assert_eq!(page[0].content, Content::text("m1"));
+    assert_eq!(*page[0].content, Content::text("m1"));
 }
 
 async fn room_summaries(s: DynStore) {
@@ -679,7 +683,7 @@ async fn room_summaries(s: DynStore) {
     assert_eq!(busy_row.room.last_seq, 3);
     assert_eq!(busy_row.read_seq, 2, "my own message moved my cursor; one unread");
     let last = busy_row.last_message.as_ref().expect("last message");
-    assert_eq!((last.seq, last.content.clone()), (3, Content::text("b3")));
+    assert_eq!((last.seq, (*last.content).clone()), (3, Content::text("b3")));
     assert_eq!(list[0].last_message, None);
     assert_eq!(list[0].read_seq, 0);
     assert_eq!(list[0].room, fresh);
