@@ -101,11 +101,30 @@ pub fn content(content: &Content, max_bytes: usize) -> Result<()> {
             }
         }
     }
-    let size = serde_json::to_vec(content).map(|v| v.len()).unwrap_or(usize::MAX);
+    let size = encoded_len(content);
     if size > max_bytes {
         return Err(Error::TooLarge(format!("message content is {size} bytes; the limit is {max_bytes}")));
     }
     Ok(())
+}
+
+/// The size of `value` as JSON, counted as it is encoded (nothing allocated).
+fn encoded_len(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 #[cfg(test)]
@@ -140,6 +159,15 @@ mod tests {
         assert!(content(&file, 1000).is_ok());
         let custom = Content::Custom { data: serde_json::Value::Null };
         assert!(content(&custom, 1000).is_err());
+    }
+
+    #[test]
+    fn the_size_limit_is_the_encoded_size() {
+        let text = Content::text("quote \" and \u{e9}");
+        let exact = serde_json::to_vec(&text).unwrap().len();
+        assert_eq!(encoded_len(&text), exact);
+        assert!(content(&text, exact).is_ok());
+        assert!(matches!(content(&text, exact - 1), Err(Error::TooLarge(_))));
     }
 
     #[test]
