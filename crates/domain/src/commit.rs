@@ -166,8 +166,8 @@ async fn commit(store: &dyn MessageStore, batch: &mut Vec<Pending>) -> Committed
         // insert. A second try sees it and returns it as a duplicate.
         result = store.append(&messages).await;
     }
-    metrics::histogram!("stacker_commit_seconds").record(started.elapsed().as_secs_f64());
-    metrics::histogram!("stacker_commit_batch_size").record(messages.len() as f64);
+    crate::hot_metric!(histogram, "stacker_commit_seconds").record(started.elapsed().as_secs_f64());
+    crate::hot_metric!(histogram, "stacker_commit_batch_size").record(messages.len() as f64);
     match result {
         Ok(outcomes) if outcomes.len() == messages.len() => {
             for (reply, outcome) in replies.into_iter().zip(&outcomes) {

@@ -12,6 +12,7 @@ pub mod commit;
 pub mod delivery;
 mod error;
 pub mod fanout;
+pub mod hot_metric;
 pub mod ids;
 pub mod membership;
 pub mod messages;

@@ -105,7 +105,7 @@ impl Messages {
         Ok(async move {
             let outcome = stored.await?;
             if matches!(outcome, Appended::Stored(_)) {
-                metrics::counter!("stacker_messages_stored_total").increment(1);
+                crate::hot_metric!(counter, "stacker_messages_stored_total").increment(1);
             }
             Ok(outcome)
         })

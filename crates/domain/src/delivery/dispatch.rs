@@ -56,7 +56,7 @@ impl Dispatcher {
         let push = Push::message(message.room_id, message.seq, frame);
         let workers = self.queues.len();
         let depth: usize = self.queues.iter().map(|q| q.max_capacity() - q.capacity()).sum();
-        metrics::gauge!("stacker_dispatch_queue_depth").set(depth as f64);
+        crate::hot_metric!(gauge, "stacker_dispatch_queue_depth").set(depth as f64);
         for (k, start) in (0..members.len()).step_by(self.batch_size).enumerate() {
             let job = Job {
                 push: push.clone(),
@@ -83,13 +83,13 @@ impl Dispatcher {
 
 async fn worker(mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>, enqueue_timeout: Duration) {
     while let Some(job) = rx.recv().await {
-        metrics::histogram!("stacker_dispatch_queue_seconds").record(job.queued_at.elapsed().as_secs_f64());
+        crate::hot_metric!(histogram, "stacker_dispatch_queue_seconds").record(job.queued_at.elapsed().as_secs_f64());
         let started = Instant::now();
         let mut delivered = 0u64;
         for user in &job.members[job.range.clone()] {
             delivered += hub.push_to_user(*user, &job.push, enqueue_timeout).await as u64;
         }
-        metrics::counter!("stacker_pushes_total").increment(delivered);
-        metrics::histogram!("stacker_enqueue_seconds").record(started.elapsed().as_secs_f64());
+        crate::hot_metric!(counter, "stacker_pushes_total").increment(delivered);
+        crate::hot_metric!(histogram, "stacker_enqueue_seconds").record(started.elapsed().as_secs_f64());
     }
 }

@@ -117,7 +117,7 @@ impl BusFanout {
         let frame = Frame::encode(&ServerFrame::Chat(ChatMessage::from(message)));
         let push = BusPush::Message { room: message.room_id, seq: message.seq, frame: text(&frame) };
         self.entries(&members, push, out).await;
-        metrics::counter!("stacker_pushes_total").increment(members.len() as u64);
+        crate::hot_metric!(counter, "stacker_pushes_total").increment(members.len() as u64);
     }
 
     /// Forgets cached routes of these users (they connected somewhere new).
@@ -239,7 +239,7 @@ pub async fn relay(
             // Unacknowledged entries are redelivered or reclaimed; sessions drop duplicates.
             tracing::warn!(error = %e, "stream ack failed");
         }
-        metrics::counter!("stacker_stream_entries_total").increment(ids.len() as u64);
+        crate::hot_metric!(counter, "stacker_stream_entries_total").increment(ids.len() as u64);
     }
 }
 

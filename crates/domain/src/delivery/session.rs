@@ -90,7 +90,7 @@ impl Session {
     /// `Err(close)` when the connection must close. Cancel-safe: state changes
     /// only after each await completes.
     pub async fn next(&mut self, out: &mut Vec<Frame>) -> std::result::Result<(), Close> {
-        metrics::histogram!("stacker_connection_queue_depth").record(self.rx.len() as f64);
+        crate::hot_metric!(histogram, "stacker_connection_queue_depth").record(self.rx.len() as f64);
         loop {
             if self.handle.is_doomed() {
                 metrics::counter!("stacker_slow_consumer_disconnects_total").increment(1);

@@ -230,8 +230,8 @@ async fn write_frames(
     };
     match tokio::time::timeout(timeout, write).await {
         Ok(Ok(())) => {
-            metrics::counter!("stacker_frames_written_total").increment(n as u64);
-            metrics::counter!("stacker_bytes_written_total").increment(bytes as u64);
+            stacker_domain::hot_metric!(counter, "stacker_frames_written_total").increment(n as u64);
+            stacker_domain::hot_metric!(counter, "stacker_bytes_written_total").increment(bytes as u64);
             true
         }
         Ok(Err(())) => {
