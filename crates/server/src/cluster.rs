@@ -79,6 +79,8 @@ pub async fn run_role(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate_cluster()?;
+    // Install the recorder before anything records (the Redis connect does).
+    crate::telemetry::prometheus();
     let redis = connect_redis(&config).await?;
     let addr = listener.local_addr()?;
     match role {

@@ -28,9 +28,11 @@ pub fn prometheus() -> PrometheusHandle {
                 Err(_) => PrometheusBuilder::new().build_recorder(),
             };
             let handle = recorder.handle();
-            // Another recorder may already be installed (embedding); then ours only renders.
-            let _ = metrics::set_global_recorder(recorder);
-            spawn_upkeep(handle.clone());
+            // Another recorder may already be installed (embedding); then ours
+            // only renders, and nothing records into it that needs folding.
+            if metrics::set_global_recorder(recorder).is_ok() {
+                spawn_upkeep(handle.clone());
+            }
             handle
         })
         .clone()
