@@ -101,15 +101,16 @@ pub fn content(content: &Content, max_bytes: usize) -> Result<()> {
             }
         }
     }
-    let size = encoded_len(content);
+    let size = encoded_len(content).unwrap_or(usize::MAX);
     if size > max_bytes {
         return Err(Error::TooLarge(format!("message content is {size} bytes; the limit is {max_bytes}")));
     }
     Ok(())
 }
 
-/// The size of `value` as JSON, counted as it is encoded (nothing allocated).
-fn encoded_len(value: &impl serde::Serialize) -> usize {
+/// The size of `value` as JSON, counted as it is encoded (nothing allocated);
+/// None if it cannot be encoded.
+pub(crate) fn encoded_len(value: &impl serde::Serialize) -> Option<usize> {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -121,10 +122,7 @@ fn encoded_len(value: &impl serde::Serialize) -> usize {
         }
     }
     let mut count = Count(0);
-    match serde_json::to_writer(&mut count, value) {
-        Ok(()) => count.0,
-        Err(_) => usize::MAX,
-    }
+    serde_json::to_writer(&mut count, value).ok().map(|()| count.0)
 }
 
 #[cfg(test)]
@@ -165,7 +163,7 @@ mod tests {
     fn the_size_limit_is_the_encoded_size() {
         let text = Content::text("quote \" and \u{e9}");
         let exact = serde_json::to_vec(&text).unwrap().len();
-        assert_eq!(encoded_len(&text), exact);
+        assert_eq!(encoded_len(&text), Some(exact));
         assert!(content(&text, exact).is_ok());
         assert!(matches!(content(&text, exact - 1), Err(Error::TooLarge(_))));
     }

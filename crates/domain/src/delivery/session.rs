@@ -204,7 +204,7 @@ impl Session {
         let mut bytes = 0;
         for m in &messages {
             let chat = ChatMessage::from(m);
-            let size = 160 + serde_json::to_vec(&chat.content).map(|v| v.len()).unwrap_or(0);
+            let size = 160 + crate::validate::encoded_len(&chat.content).unwrap_or(0);
             if !chunk.is_empty()
                 && (chunk.len() >= self.limits.batch_messages || bytes + size > self.limits.batch_bytes)
             {
