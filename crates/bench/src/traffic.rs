@@ -334,7 +334,19 @@ async fn drive(
         }
         _ => None,
     };
-    let mut check = tokio::time::interval(Duration::from_millis(20));
+    // Other connections' progress (the abort flag, and once this one is done
+    // sending, whether the room is complete) is looked at on every wake-up and
+    // on these ticks: often once sending is over, rarely before, since a
+    // sending connection wakes for its own traffic anyway and a tick on every
+    // connection 50 times a second would cost the generator more than timers
+    // that matter.
+    let mut check_done = tokio::time::interval(Duration::from_millis(20));
+    let mut check_abort = tokio::time::interval(Duration::from_millis(250));
+    // Made once: a sleep made afresh in every `select!` is a timer-wheel
+    // insert and removal per wake-up.
+    let end_of_sending = tokio::time::sleep_until(deadline);
+    let end_of_drain = tokio::time::sleep_until(drain_deadline);
+    tokio::pin!(end_of_sending, end_of_drain);
     tokio::time::sleep_until(ctx.start).await;
     let mut sending = sender.is_some();
     let mut published = sender.is_none();
@@ -408,9 +420,10 @@ async fn drive(
                 out.sent += 1;
                 inflight.push_back((n, t));
             }
-            _ = tokio::time::sleep_until(deadline), if sending => sending = false,
-            _ = check.tick() => {}
-            _ = tokio::time::sleep_until(drain_deadline) => {
+            _ = &mut end_of_sending, if sending => sending = false,
+            _ = check_done.tick(), if !sending => {}
+            _ = check_abort.tick(), if sending => {}
+            _ = &mut end_of_drain => {
                 let acked = room.acked.load(Ordering::Acquire);
                 let left = room.senders_left.load(Ordering::Acquire);
                 return Err(anyhow!(
