@@ -151,13 +151,15 @@ pub fn ack_frame(message: &Message) -> Frame {
 
 #[async_trait]
 impl Fanout for Delivery {
-    /// Acks go to every device of the sender; the push waits only for room in
-    /// the dispatch queue.
+    /// Acks go to every device of the sender, with the message's push when
+    /// there is one (see [`Dispatcher`]); the push waits only for room in the
+    /// dispatch queue.
     async fn message_stored(&self, message: &Message, push: bool) {
-        let ack = ack_frame(message);
-        self.hub.push_to_user(message.sender_id, &Push::Frame(ack), self.config.enqueue_timeout).await;
+        let ack = Push::Frame(ack_frame(message));
         if push {
-            self.dispatcher.dispatch_message(message).await;
+            self.dispatcher.dispatch_message(message, ack).await;
+        } else {
+            self.hub.push_to_user(message.sender_id, &ack, self.config.enqueue_timeout).await;
         }
     }
 

@@ -1,0 +1,112 @@
+//! The push engine over a real SQLite store: what each connection's queue
+//! gets when a message is stored (the member list comes from the store).
+
+#[path = "../benches/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use stacker_domain::delivery::{Delivery, DeliveryConfig, Push};
+use stacker_domain::fanout::Fanout;
+use stacker_domain::membership::MemberCache;
+use stacker_domain::model::{Content, Message};
+use stacker_domain::store::Store;
+use tokio::sync::mpsc::Receiver;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn message(room: i64, sender: i64, seq: i64) -> Message {
+    Message {
+        id: common::next_id(),
+        room_id: room,
+        seq,
+        sender_id: sender,
+        client_msg_id: Some(format!("c{seq}")),
+        content: Content::text("hello").into(),
+        created_at: 1_700_000_000_000,
+    }
+}
+
+/// The next push, as `("ack", seq)` or `("chat", seq)`.
+async fn next(queue: &mut Receiver<Push>) -> (&'static str, i64) {
+    let push = tokio::time::timeout(WAIT, queue.recv()).await.expect("a push within 5 s").expect("queue open");
+    match push {
+        Push::Message(chat) => ("chat", chat.seq),
+        Push::Frame(frame) => {
+            let json: serde_json::Value = serde_json::from_slice(frame.bytes()).expect("a JSON frame");
+            assert_eq!(json["type"], "ack", "unexpected frame {json}");
+            ("ack", json["seq"].as_i64().expect("an ack names its seq"))
+        }
+        other => panic!("unexpected push {other:?}"),
+    }
+}
+
+async fn nothing_more(queue: &mut Receiver<Push>) {
+    // The workers have nothing else queued for it: give them a moment to prove it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(queue.try_recv().is_err(), "an extra push arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sender_gets_its_ack_just_before_its_own_copy() {
+    let db = common::temp_db("delivery").await;
+    let store: Arc<dyn Store> = Arc::new(db.store.clone());
+    let users = common::users(&db.store, 3).await;
+    let (sender, recipient, outsider) = (users[0], users[1], users[2]);
+    let room = common::room(&db.store, &[sender, recipient]).await;
+    let members = Arc::new(MemberCache::new(store.clone(), None, Duration::from_secs(600)));
+    let delivery = Delivery::start(store, members, DeliveryConfig::default());
+    let (_s, mut sender_queue) = delivery.hub().register(sender, "phone").expect("register");
+    let (_r, mut recipient_queue) = delivery.hub().register(recipient, "phone").expect("register");
+    let (_o, mut outsider_queue) = delivery.hub().register(outsider, "phone").expect("register");
+
+    // Stored and pushed: the ack, then the sender's own copy; the message alone
+    // to the other member.
+    delivery.message_stored(&message(room, sender, 1), true).await;
+    assert_eq!(next(&mut sender_queue).await, ("ack", 1));
+    assert_eq!(next(&mut sender_queue).await, ("chat", 1));
+    assert_eq!(next(&mut recipient_queue).await, ("chat", 1));
+    nothing_more(&mut sender_queue).await;
+    nothing_more(&mut recipient_queue).await;
+
+    // A repeated send (stored before, not pushed again): the ack alone.
+    delivery.message_stored(&message(room, sender, 1), false).await;
+    assert_eq!(next(&mut sender_queue).await, ("ack", 1));
+    nothing_more(&mut sender_queue).await;
+    nothing_more(&mut recipient_queue).await;
+
+    // A sender no longer in the member list is still acknowledged; the
+    // members get the message.
+    delivery.message_stored(&message(room, outsider, 2), true).await;
+    assert_eq!(next(&mut outsider_queue).await, ("ack", 2));
+    assert_eq!(next(&mut sender_queue).await, ("chat", 2));
+    assert_eq!(next(&mut recipient_queue).await, ("chat", 2));
+    nothing_more(&mut outsider_queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_in_a_later_batch_of_a_large_room_gets_one_ack() {
+    let db = common::temp_db("delivery-batches").await;
+    let store: Arc<dyn Store> = Arc::new(db.store.clone());
+    let users = common::users(&db.store, 25).await;
+    let room = common::room(&db.store, &users).await;
+    let members = Arc::new(MemberCache::new(store.clone(), None, Duration::from_secs(600)));
+    // Batches of 4 members: the room's 25 go out as 7 jobs over 3 workers.
+    let config = DeliveryConfig { batch_size: 4, workers: 3, ..DeliveryConfig::default() };
+    let delivery = Delivery::start(store, members, config);
+    let mut queues = Vec::new();
+    for u in &users {
+        queues.push(delivery.hub().register(*u, "phone").expect("register").1);
+    }
+    // Member ids are sorted; the last user is in the last batch.
+    let sender_index = users.len() - 1;
+    delivery.message_stored(&message(room, users[sender_index], 1), true).await;
+    for (i, queue) in queues.iter_mut().enumerate() {
+        if i == sender_index {
+            assert_eq!(next(queue).await, ("ack", 1));
+        }
+        assert_eq!(next(queue).await, ("chat", 1), "member {i}");
+        nothing_more(queue).await;
+    }
+}
