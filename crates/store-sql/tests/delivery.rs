@@ -110,3 +110,25 @@ async fn a_sender_in_a_later_batch_of_a_large_room_gets_one_ack() {
         nothing_more(queue).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_keep_their_order_when_a_repeated_send_follows_a_new_one() {
+    let db = common::temp_db("delivery-order").await;
+    let store: Arc<dyn Store> = Arc::new(db.store.clone());
+    let users = common::users(&db.store, 500).await;
+    let room = common::room(&db.store, &users).await;
+    let members = Arc::new(MemberCache::new(store.clone(), None, Duration::from_secs(600)));
+    // One worker and small batches: the new message's fan-out is 50 jobs in a
+    // row, and the sender (the highest id) is in the last of them.
+    let config = DeliveryConfig { batch_size: 10, workers: 1, ..DeliveryConfig::default() };
+    let delivery = Delivery::start(store, members, config);
+    let sender = users[users.len() - 1];
+    let (_s, mut queue) = delivery.hub().register(sender, "phone").expect("register");
+    delivery.message_stored(&message(room, sender, 2), true).await;
+    // Seq 1 sent again: stored before, so acknowledged but not pushed.
+    delivery.message_stored(&message(room, sender, 1), false).await;
+    assert_eq!(next(&mut queue).await, ("ack", 2));
+    assert_eq!(next(&mut queue).await, ("chat", 2));
+    assert_eq!(next(&mut queue).await, ("ack", 1));
+    nothing_more(&mut queue).await;
+}

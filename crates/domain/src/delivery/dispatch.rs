@@ -6,7 +6,8 @@
 //! The sender's ack rides in the batch that holds the sender and is queued
 //! right before the message itself, so the sending connection writes both in
 //! one go (pushed from separate tasks, they took two socket writes about half
-//! the time).
+//! the time). The ack of a repeated send, which pushes nothing, takes the same
+//! worker, so a connection's acks keep their order.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,8 +21,9 @@ use stacker_proto::http::ChatMessage;
 use stacker_proto::ws::ServerFrame;
 
 struct Job {
-    /// The message's push, built once and shared by its member batches.
-    push: Push,
+    /// The message's push, built once and shared by its member batches;
+    /// `None` for the ack of a send that pushes nothing.
+    push: Option<Push>,
     /// The sender and its ack, for the batch that holds the sender.
     ack: Option<(UserId, Push)>,
     members: MemberList,
@@ -48,10 +50,10 @@ impl Dispatcher {
         Self { queues, hub, members, batch_size: config.batch_size.max(1), enqueue_timeout: config.enqueue_timeout }
     }
 
-    /// Encodes the message once and queues its fan-out, with `ack` for the
-    /// sender's connections. Waits while the workers' queues are full
-    /// (back-pressure on senders, bounded memory).
-    pub async fn dispatch_message(&self, message: &Message, ack: Push) {
+    /// Queues `ack` for the sender's connections and, if `push`, the
+    /// message's fan-out (encoded once) to the room's members. Waits while the
+    /// workers' queues are full (back-pressure on senders, bounded memory).
+    pub async fn dispatch_stored(&self, message: &Message, ack: Push, push: bool) {
         let sender = message.sender_id;
         let members = match self.members.get(message.room_id).await {
             Ok(m) => m.ids().clone(),
@@ -66,33 +68,60 @@ impl Dispatcher {
         };
         // Member ids are sorted. A sender who left the room meanwhile is
         // acknowledged at once.
-        let sender_batch = members.binary_search(&sender).ok().map(|i| i / self.batch_size);
-        let mut ack = Some(ack);
-        if sender_batch.is_none() {
-            if let Some(ack) = ack.take() {
-                self.hub.push_to_user(sender, &ack, self.enqueue_timeout).await;
+        let Ok(sender_index) = members.binary_search(&sender) else {
+            self.hub.push_to_user(sender, &ack, self.enqueue_timeout).await;
+            if push {
+                self.queue_fan_out(message, members, None).await;
             }
-        }
-        let frame = Frame::encode(&ServerFrame::Chat(ChatMessage::from(message)));
-        let push = Push::message(message.room_id, message.seq, frame);
-        let workers = self.queues.len();
-        let depth: usize = self.queues.iter().map(|q| q.max_capacity() - q.capacity()).sum();
-        crate::hot_metric!(gauge, "stacker_dispatch_queue_depth").set(depth as f64);
-        for (k, start) in (0..members.len()).step_by(self.batch_size).enumerate() {
+            return;
+        };
+        if push {
+            self.queue_fan_out(message, members, Some((sender_index, ack))).await;
+        } else {
+            // The sender's batch alone, with nothing but the ack.
             let job = Job {
-                push: push.clone(),
-                ack: if sender_batch == Some(k) { ack.take().map(|ack| (sender, ack)) } else { None },
-                members: members.clone(),
-                range: start..(start + self.batch_size).min(members.len()),
+                push: None,
+                ack: Some((sender, ack)),
+                members,
+                range: sender_index..sender_index + 1,
                 queued_at: Instant::now(),
             };
-            let worker = (crate::ids::bucket(message.room_id, workers) + k) % workers;
-            if let Err(mpsc::error::SendError(job)) = self.queues[worker].send(job).await {
-                // Shutting down: no fan-out, but the sender still hears that it is stored.
+            self.queue(message, sender_index / self.batch_size, job).await;
+        }
+    }
+
+    /// Queues one job per batch of `members`; the batch holding `ack`'s
+    /// member index carries it.
+    async fn queue_fan_out(&self, message: &Message, members: MemberList, mut ack: Option<(usize, Push)>) {
+        let frame = Frame::encode(&ServerFrame::Chat(ChatMessage::from(message)));
+        let push = Push::message(message.room_id, message.seq, frame);
+        let depth: usize = self.queues.iter().map(|q| q.max_capacity() - q.capacity()).sum();
+        crate::hot_metric!(gauge, "stacker_dispatch_queue_depth").set(depth as f64);
+        let ack_batch = ack.as_ref().map(|(index, _)| index / self.batch_size);
+        for (k, start) in (0..members.len()).step_by(self.batch_size).enumerate() {
+            let range = start..(start + self.batch_size).min(members.len());
+            let ack = if ack_batch == Some(k) { ack.take().map(|(index, ack)| (members[index], ack)) } else { None };
+            let job = Job { push: Some(push.clone()), ack, members: members.clone(), range, queued_at: Instant::now() };
+            if !self.queue(message, k, job).await {
+                return;
+            }
+        }
+    }
+
+    /// Queues batch `k` of the message's room on its worker; false when the
+    /// workers are gone (shutting down), after pushing the job's ack, if
+    /// any, directly: no fan-out then, but the sender still hears that its
+    /// message is stored.
+    async fn queue(&self, message: &Message, k: usize, job: Job) -> bool {
+        let workers = self.queues.len();
+        let worker = (crate::ids::bucket(message.room_id, workers) + k) % workers;
+        match self.queues[worker].send(job).await {
+            Ok(()) => true,
+            Err(mpsc::error::SendError(job)) => {
                 if let Some((sender, ack)) = job.ack {
                     self.hub.push_to_user(sender, &ack, self.enqueue_timeout).await;
                 }
-                return;
+                false
             }
         }
     }
@@ -118,7 +147,9 @@ async fn worker(mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>, enqueue_timeout: Dur
                     hub.push_to_user(*user, ack, enqueue_timeout).await;
                 }
             }
-            delivered += hub.push_to_user(*user, &job.push, enqueue_timeout).await as u64;
+            if let Some(push) = &job.push {
+                delivered += hub.push_to_user(*user, push, enqueue_timeout).await as u64;
+            }
         }
         crate::hot_metric!(counter, "stacker_pushes_total").increment(delivered);
         crate::hot_metric!(histogram, "stacker_enqueue_seconds").record(started.elapsed().as_secs_f64());

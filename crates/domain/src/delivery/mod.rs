@@ -151,16 +151,12 @@ pub fn ack_frame(message: &Message) -> Frame {
 
 #[async_trait]
 impl Fanout for Delivery {
-    /// Acks go to every device of the sender, with the message's push when
-    /// there is one (see [`Dispatcher`]); the push waits only for room in the
-    /// dispatch queue.
+    /// Acks go to every device of the sender, through the dispatcher so that
+    /// they keep their order and share a write with the sender's own copy
+    /// (see [`Dispatcher`]); this waits only for room in the dispatch queue.
     async fn message_stored(&self, message: &Message, push: bool) {
         let ack = Push::Frame(ack_frame(message));
-        if push {
-            self.dispatcher.dispatch_message(message, ack).await;
-        } else {
-            self.hub.push_to_user(message.sender_id, &ack, self.config.enqueue_timeout).await;
-        }
+        self.dispatcher.dispatch_stored(message, ack, push).await;
     }
 
     /// Tells a removed user's sessions to stop delivering the room (the
