@@ -42,6 +42,18 @@ async fn next(queue: &mut Receiver<Push>) -> (&'static str, i64) {
     }
 }
 
+/// A SQLite store with `n` users, all in one room, and a push engine over it.
+/// The `TempDb` keeps the database for as long as it lives.
+async fn room_of(name: &str, n: usize, config: DeliveryConfig) -> (common::TempDb, Vec<i64>, i64, Arc<Delivery>) {
+    let db = common::temp_db(name).await;
+    let store: Arc<dyn Store> = Arc::new(db.store.clone());
+    let users = common::users(&db.store, n).await;
+    let room = common::room(&db.store, &users).await;
+    let members = Arc::new(MemberCache::new(store.clone(), None, Duration::from_secs(600)));
+    let delivery = Delivery::start(store, members, config);
+    (db, users, room, delivery)
+}
+
 async fn nothing_more(queue: &mut Receiver<Push>) {
     // The workers have nothing else queued for it: give them a moment to prove it.
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -50,13 +62,9 @@ async fn nothing_more(queue: &mut Receiver<Push>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sender_gets_its_ack_just_before_its_own_copy() {
-    let db = common::temp_db("delivery").await;
-    let store: Arc<dyn Store> = Arc::new(db.store.clone());
-    let users = common::users(&db.store, 3).await;
-    let (sender, recipient, outsider) = (users[0], users[1], users[2]);
-    let room = common::room(&db.store, &[sender, recipient]).await;
-    let members = Arc::new(MemberCache::new(store.clone(), None, Duration::from_secs(600)));
-    let delivery = Delivery::start(store, members, DeliveryConfig::default());
+    let (db, users, room, delivery) = room_of("delivery", 2, DeliveryConfig::default()).await;
+    let (sender, recipient) = (users[0], users[1]);
+    let outsider = common::users(&db.store, 1).await[0];
     let (_s, mut sender_queue) = delivery.hub().register(sender, "phone").expect("register");
     let (_r, mut recipient_queue) = delivery.hub().register(recipient, "phone").expect("register");
     let (_o, mut outsider_queue) = delivery.hub().register(outsider, "phone").expect("register");
@@ -87,14 +95,9 @@ async fn the_sender_gets_its_ack_just_before_its_own_copy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_in_a_later_batch_of_a_large_room_gets_one_ack() {
-    let db = common::temp_db("delivery-batches").await;
-    let store: Arc<dyn Store> = Arc::new(db.store.clone());
-    let users = common::users(&db.store, 25).await;
-    let room = common::room(&db.store, &users).await;
-    let members = Arc::new(MemberCache::new(store.clone(), None, Duration::from_secs(600)));
     // Batches of 4 members: the room's 25 go out as 7 jobs over 3 workers.
     let config = DeliveryConfig { batch_size: 4, workers: 3, ..DeliveryConfig::default() };
-    let delivery = Delivery::start(store, members, config);
+    let (_db, users, room, delivery) = room_of("delivery-batches", 25, config).await;
     let mut queues = Vec::new();
     for u in &users {
         queues.push(delivery.hub().register(*u, "phone").expect("register").1);
@@ -113,15 +116,10 @@ async fn a_sender_in_a_later_batch_of_a_large_room_gets_one_ack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_keep_their_order_when_a_repeated_send_follows_a_new_one() {
-    let db = common::temp_db("delivery-order").await;
-    let store: Arc<dyn Store> = Arc::new(db.store.clone());
-    let users = common::users(&db.store, 500).await;
-    let room = common::room(&db.store, &users).await;
-    let members = Arc::new(MemberCache::new(store.clone(), None, Duration::from_secs(600)));
     // One worker and small batches: the new message's fan-out is 50 jobs in a
     // row, and the sender (the highest id) is in the last of them.
     let config = DeliveryConfig { batch_size: 10, workers: 1, ..DeliveryConfig::default() };
-    let delivery = Delivery::start(store, members, config);
+    let (_db, users, room, delivery) = room_of("delivery-order", 500, config).await;
     let sender = users[users.len() - 1];
     let (_s, mut queue) = delivery.hub().register(sender, "phone").expect("register");
     delivery.message_stored(&message(room, sender, 2), true).await;
