@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stacker_domain::delivery::{Delivery, DeliveryConfig, Push};
+use stacker_domain::delivery::{Delivery, DeliveryConfig, Frame, Push};
 use stacker_domain::fanout::Fanout;
 use stacker_domain::membership::MemberCache;
 use stacker_domain::model::{Content, Message};
@@ -116,10 +116,15 @@ async fn a_sender_in_a_later_batch_of_a_large_room_gets_one_ack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_keep_their_order_when_a_repeated_send_follows_a_new_one() {
-    // One worker and small batches: the new message's fan-out is 50 jobs in a
-    // row, and the sender (the highest id) is in the last of them.
-    let config = DeliveryConfig { batch_size: 10, workers: 1, ..DeliveryConfig::default() };
+    // One worker, small batches and one-push queues: the new message's
+    // fan-out is 50 jobs in a row, and the first of them waits the enqueue
+    // timeout (100 ms) on a member whose queue is full. The sender (the
+    // highest id) is in the last batch.
+    let config = DeliveryConfig { batch_size: 10, workers: 1, connection_queue: 1, ..DeliveryConfig::default() };
     let (_db, users, room, delivery) = room_of("delivery-order", 500, config).await;
+    let (_slow, _full) = delivery.hub().register(users[0], "slow").expect("register");
+    let filler = Push::Frame(Frame::from_string("{}".into()));
+    delivery.hub().push_to_user(users[0], &filler, Duration::ZERO).await;
     let sender = users[users.len() - 1];
     let (_s, mut queue) = delivery.hub().register(sender, "phone").expect("register");
     delivery.message_stored(&message(room, sender, 2), true).await;

@@ -3,11 +3,11 @@
 //! always goes to worker `(r + k) % workers`, so every member's messages of a
 //! room pass through one worker and stay in order.
 //!
-//! The sender's ack rides in the batch that holds the sender and is queued
-//! right before the message itself, so the sending connection writes both in
-//! one go (pushed from separate tasks, they took two socket writes about half
-//! the time). The ack of a repeated send, which pushes nothing, takes the same
-//! worker, so a connection's acks keep their order.
+//! Every ack of a room goes through the worker of the room's first batch, in
+//! commit order, so a connection's acks keep their order whatever happens to
+//! the member list. A sender in that batch gets its ack right before its own
+//! copy of the message, and its connection writes both in one go (pushed from
+//! separate tasks, they took two socket writes about half the time).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,15 +24,16 @@ struct Job {
     /// The message's push, built once and shared by its member batches;
     /// `None` for the ack of a send that pushes nothing.
     push: Option<Push>,
-    /// The sender and its ack, for the batch that holds the sender.
+    /// The sender and its ack: pushed right before the sender's own copy
+    /// when the sender is in `range`, else before the batch.
     ack: Option<(UserId, Push)>,
     members: MemberList,
     range: std::ops::Range<usize>,
-    queued_at: Instant,
 }
 
 pub struct Dispatcher {
-    queues: Vec<mpsc::Sender<Job>>,
+    /// Each job with the time it was queued.
+    queues: Vec<mpsc::Sender<(Job, Instant)>>,
     hub: Arc<Hub>,
     members: Arc<MemberCache>,
     batch_size: usize,
@@ -55,69 +56,64 @@ impl Dispatcher {
     /// workers' queues are full (back-pressure on senders, bounded memory).
     pub async fn dispatch_stored(&self, message: &Message, ack: Push, push: bool) {
         let sender = message.sender_id;
-        let members = match self.members.get(message.room_id).await {
-            Ok(m) => m.ids().clone(),
-            Err(e) => {
-                // Stored but not pushed: members get it from the store on their next
-                // catch-up (reconnect, sync, or the next message's gap).
-                tracing::warn!(room = message.room_id, error = %e, "cannot load members; skipping live push");
-                metrics::counter!("stacker_dispatch_failures_total").increment(1);
-                self.hub.push_to_user(sender, &ack, self.enqueue_timeout).await;
-                return;
+        let members = if push {
+            match self.members.get(message.room_id).await {
+                Ok(m) => Some(m.ids().clone()),
+                Err(e) => {
+                    // Stored but not pushed: members get it from the store on their next
+                    // catch-up (reconnect, sync, or the next message's gap).
+                    tracing::warn!(room = message.room_id, error = %e, "cannot load members; skipping live push");
+                    metrics::counter!("stacker_dispatch_failures_total").increment(1);
+                    None
+                }
             }
+        } else {
+            None
         };
-        // Member ids are sorted. A sender who left the room meanwhile is
-        // acknowledged at once.
-        let Ok(sender_index) = members.binary_search(&sender) else {
-            self.hub.push_to_user(sender, &ack, self.enqueue_timeout).await;
-            if push {
-                self.queue_fan_out(message, members, None).await;
-            }
+        let Some(members) = members else {
+            // Nothing to push: the ack alone, on the room's first worker.
+            let job = Job { push: None, ack: Some((sender, ack)), members: MemberList::from([]), range: 0..0 };
+            self.queue(message, 0, job).await;
             return;
         };
-        if push {
-            self.queue_fan_out(message, members, Some((sender_index, ack))).await;
-        } else {
-            // The sender's batch alone, with nothing but the ack.
-            let job = Job {
-                push: None,
-                ack: Some((sender, ack)),
-                members,
-                range: sender_index..sender_index + 1,
-                queued_at: Instant::now(),
-            };
-            self.queue(message, sender_index / self.batch_size, job).await;
-        }
-    }
-
-    /// Queues one job per batch of `members`; the batch holding `ack`'s
-    /// member index carries it.
-    async fn queue_fan_out(&self, message: &Message, members: MemberList, mut ack: Option<(usize, Push)>) {
         let frame = Frame::encode(&ServerFrame::Chat(ChatMessage::from(message)));
         let push = Push::message(message.room_id, message.seq, frame);
         let depth: usize = self.queues.iter().map(|q| q.max_capacity() - q.capacity()).sum();
         crate::hot_metric!(gauge, "stacker_dispatch_queue_depth").set(depth as f64);
-        let ack_batch = ack.as_ref().map(|(index, _)| index / self.batch_size);
+        // Member ids are sorted. A sender in the first batch gets the ack with
+        // its own copy; any other (or one who left meanwhile) in a job of its
+        // own on that batch's worker, ahead of the fan-out.
+        let mut ack = Some((sender, ack));
+        if members.binary_search(&sender).map_or(true, |i| i >= self.batch_size) {
+            let job = Job { push: None, ack: ack.take(), members: MemberList::from([]), range: 0..0 };
+            if !self.queue(message, 0, job).await {
+                return;
+            }
+        }
         for (k, start) in (0..members.len()).step_by(self.batch_size).enumerate() {
             let range = start..(start + self.batch_size).min(members.len());
-            let ack = if ack_batch == Some(k) { ack.take().map(|(index, ack)| (members[index], ack)) } else { None };
-            let job = Job { push: Some(push.clone()), ack, members: members.clone(), range, queued_at: Instant::now() };
+            let job = Job { push: Some(push.clone()), ack: ack.take(), members: members.clone(), range };
             if !self.queue(message, k, job).await {
                 return;
             }
         }
+        if let Some((sender, ack)) = ack {
+            // An empty member list: no batch took it.
+            let job = Job { push: None, ack: Some((sender, ack)), members, range: 0..0 };
+            self.queue(message, 0, job).await;
+        }
     }
 
     /// Queues batch `k` of the message's room on its worker; false when the
-    /// workers are gone (shutting down), after pushing the job's ack, if
-    /// any, directly: no fan-out then, but the sender still hears that its
+    /// workers are gone (a worker task ended), after pushing the job's ack,
+    /// if any, directly: no fan-out then, but the sender still hears that its
     /// message is stored.
     async fn queue(&self, message: &Message, k: usize, job: Job) -> bool {
         let workers = self.queues.len();
         let worker = (crate::ids::bucket(message.room_id, workers) + k) % workers;
-        match self.queues[worker].send(job).await {
+        match self.queues[worker].send((job, Instant::now())).await {
             Ok(()) => true,
-            Err(mpsc::error::SendError(job)) => {
+            Err(mpsc::error::SendError((job, _))) => {
                 if let Some((sender, ack)) = job.ack {
                     self.hub.push_to_user(sender, &ack, self.enqueue_timeout).await;
                 }
@@ -136,13 +132,23 @@ impl Dispatcher {
     }
 }
 
-async fn worker(mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>, enqueue_timeout: Duration) {
-    while let Some(job) = rx.recv().await {
-        crate::hot_metric!(histogram, "stacker_dispatch_queue_seconds").record(job.queued_at.elapsed().as_secs_f64());
+async fn worker(mut rx: mpsc::Receiver<(Job, Instant)>, hub: Arc<Hub>, enqueue_timeout: Duration) {
+    while let Some((job, queued_at)) = rx.recv().await {
+        crate::hot_metric!(histogram, "stacker_dispatch_queue_seconds").record(queued_at.elapsed().as_secs_f64());
         let started = Instant::now();
+        let batch = &job.members[job.range.clone()];
+        // The ack goes right before the sender's own copy, or first when the
+        // sender is not in this batch (member ids are sorted).
+        let ack_with_copy = match &job.ack {
+            Some((sender, ack)) if batch.binary_search(sender).is_err() => {
+                hub.push_to_user(*sender, ack, enqueue_timeout).await;
+                None
+            }
+            other => other.as_ref(),
+        };
         let mut delivered = 0u64;
-        for user in &job.members[job.range.clone()] {
-            if let Some((sender, ack)) = &job.ack {
+        for user in batch {
+            if let Some((sender, ack)) = ack_with_copy {
                 if sender == user {
                     hub.push_to_user(*user, ack, enqueue_timeout).await;
                 }
