@@ -342,6 +342,10 @@ async fn drive(
     // that matter.
     let mut check_done = tokio::time::interval(Duration::from_millis(20));
     let mut check_abort = tokio::time::interval(Duration::from_millis(250));
+    // Each is idle while the other runs: on its next poll it must not fire
+    // every tick it missed meanwhile, back to back.
+    check_done.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    check_abort.set_missed_tick_behavior(MissedTickBehavior::Skip);
     // Made once: a sleep made afresh in every `select!` is a timer-wheel
     // insert and removal per wake-up.
     let end_of_sending = tokio::time::sleep_until(deadline);
