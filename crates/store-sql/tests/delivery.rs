@@ -102,7 +102,9 @@ async fn a_sender_in_a_later_batch_of_a_large_room_gets_one_ack() {
     for u in &users {
         queues.push(delivery.hub().register(*u, "phone").expect("register").1);
     }
-    // Member ids are sorted; the last user is in the last batch.
+    // Member ids are sorted; the last user is in the last batch (6). Its ack
+    // is a job of its own on batch 0's worker, and with 3 workers batch 6
+    // runs on that worker too, after it: so the ack comes first here.
     let sender_index = users.len() - 1;
     delivery.message_stored(&message(room, users[sender_index], 1), true).await;
     for (i, queue) in queues.iter_mut().enumerate() {

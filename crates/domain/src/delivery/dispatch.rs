@@ -56,40 +56,24 @@ impl Dispatcher {
     /// workers' queues are full (back-pressure on senders, bounded memory).
     pub async fn dispatch_stored(&self, message: &Message, ack: Push, push: bool) {
         let sender = message.sender_id;
-        let members = if push {
-            match self.members.get(message.room_id).await {
-                Ok(m) => Some(m.ids().clone()),
-                Err(e) => {
-                    // Stored but not pushed: members get it from the store on their next
-                    // catch-up (reconnect, sync, or the next message's gap).
-                    tracing::warn!(room = message.room_id, error = %e, "cannot load members; skipping live push");
-                    metrics::counter!("stacker_dispatch_failures_total").increment(1);
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let Some(members) = members else {
-            // Nothing to push: the ack alone, on the room's first worker.
-            let job = Job { push: None, ack: Some((sender, ack)), members: MemberList::from([]), range: 0..0 };
-            self.queue(message, 0, job).await;
-            return;
-        };
-        let frame = Frame::encode(&ServerFrame::Chat(ChatMessage::from(message)));
-        let push = Push::message(message.room_id, message.seq, frame);
-        let depth: usize = self.queues.iter().map(|q| q.max_capacity() - q.capacity()).sum();
-        crate::hot_metric!(gauge, "stacker_dispatch_queue_depth").set(depth as f64);
+        let members = if push { self.members_to_push(message).await } else { None };
         // Member ids are sorted. A sender in the first batch gets the ack with
-        // its own copy; any other (or one who left meanwhile) in a job of its
-        // own on that batch's worker, ahead of the fan-out.
+        // its own copy; any other ack (nothing to push, a sender in a later
+        // batch or gone meanwhile) is a job of its own on that batch's worker,
+        // ahead of the fan-out.
         let mut ack = Some((sender, ack));
-        if members.binary_search(&sender).map_or(true, |i| i >= self.batch_size) {
+        let with_copy = members.as_ref().is_some_and(|m| m.binary_search(&sender).is_ok_and(|i| i < self.batch_size));
+        if !with_copy {
             let job = Job { push: None, ack: ack.take(), members: MemberList::from([]), range: 0..0 };
             if !self.queue(message, 0, job).await {
                 return;
             }
         }
+        let Some(members) = members else { return };
+        let frame = Frame::encode(&ServerFrame::Chat(ChatMessage::from(message)));
+        let push = Push::message(message.room_id, message.seq, frame);
+        let depth: usize = self.queues.iter().map(|q| q.max_capacity() - q.capacity()).sum();
+        crate::hot_metric!(gauge, "stacker_dispatch_queue_depth").set(depth as f64);
         for (k, start) in (0..members.len()).step_by(self.batch_size).enumerate() {
             let range = start..(start + self.batch_size).min(members.len());
             let job = Job { push: Some(push.clone()), ack: ack.take(), members: members.clone(), range };
@@ -97,10 +81,20 @@ impl Dispatcher {
                 return;
             }
         }
-        if let Some((sender, ack)) = ack {
-            // An empty member list: no batch took it.
-            let job = Job { push: None, ack: Some((sender, ack)), members, range: 0..0 };
-            self.queue(message, 0, job).await;
+    }
+
+    /// The member ids to push `message` to; None, after logging it, when the
+    /// list cannot be loaded.
+    async fn members_to_push(&self, message: &Message) -> Option<MemberList> {
+        match self.members.get(message.room_id).await {
+            Ok(m) => Some(m.ids().clone()),
+            Err(e) => {
+                // Stored but not pushed: members get it from the store on their next
+                // catch-up (reconnect, sync, or the next message's gap).
+                tracing::warn!(room = message.room_id, error = %e, "cannot load members; skipping live push");
+                metrics::counter!("stacker_dispatch_failures_total").increment(1);
+                None
+            }
         }
     }
 
