@@ -162,6 +162,37 @@ fn copied_since_sync(synced: (i64, i64), now: (i64, i64)) -> bool {
     now.1 > 0 && now != synced
 }
 
+/// The background checkpointer's syncs of the database file.
+struct DatabaseSync {
+    file: PathBuf,
+    /// (WAL pages, pages copied) after the pass last synced.
+    synced: (i64, i64),
+    /// Syncing fails: logged when that starts and when it ends.
+    failing: bool,
+}
+
+impl DatabaseSync {
+    /// Syncs the file if the pass that left the WAL at `now` copied pages.
+    async fn after_pass(&mut self, now: (i64, i64)) {
+        if !copied_since_sync(self.synced, now) {
+            return;
+        }
+        match sync_database_file(&self.file).await {
+            Ok(()) => {
+                self.synced = now;
+                if std::mem::take(&mut self.failing) {
+                    tracing::info!("the SQLite database file syncs again");
+                }
+            }
+            Err(e) if !self.failing => {
+                self.failing = true;
+                tracing::warn!(error = %e, "cannot sync the SQLite database file after a checkpoint");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// `PRAGMA wal_checkpoint(PASSIVE)` on a pooled connection: copies what it can
 /// without waiting for readers or writers. Answers (WAL pages, pages copied).
 async fn passive_checkpoint(pool: &AnyPool) -> std::result::Result<(i64, i64), sqlx::Error> {
@@ -194,10 +225,7 @@ fn spawn_checkpointer(pool: AnyPool, db_file: PathBuf, finish_wanted: Arc<Atomic
         // While checkpoints fail (disk full, I/O errors) wait longer between
         // tries, and log when failing starts and ends rather than every time.
         let mut backoff = Duration::ZERO;
-        // (WAL pages, pages copied) after the pass last synced, and whether
-        // syncing fails (logged when that starts and ends).
-        let mut synced = (0, 0);
-        let mut sync_failing = false;
+        let mut sync = DatabaseSync { file: db_file, synced: (0, 0), failing: false };
         loop {
             tokio::select! {
                 _ = &mut stopped => return,
@@ -212,32 +240,20 @@ fn spawn_checkpointer(pool: AnyPool, db_file: PathBuf, finish_wanted: Arc<Atomic
                         tracing::info!("SQLite WAL checkpoints work again");
                         backoff = Duration::ZERO;
                     }
+                    sync.after_pass((wal_pages, copied)).await;
                     // Before the writer is asked to finish, catch up: each pass
-                    // copies what was committed during the one before, so the
-                    // writer is left little to copy while appends wait.
+                    // (and its sync) copies what was committed during the one
+                    // before, so the writer is left little to copy and sync
+                    // while appends wait.
                     let mut passes = 1;
                     while wal_restart_wanted(wal_pages, copied) && passes < CATCH_UP_PASSES {
                         let Ok((now_pages, now_copied)) = passive_checkpoint(&pool).await else { break };
+                        sync.after_pass((now_pages, now_copied)).await;
                         let added = now_pages - wal_pages;
                         (wal_pages, copied, passes) = (now_pages, now_copied, passes + 1);
                         // Negative: the WAL restarted meanwhile.
                         if added <= CAUGHT_UP_PAGES {
                             break;
-                        }
-                    }
-                    if copied_since_sync(synced, (wal_pages, copied)) {
-                        match sync_database_file(&db_file).await {
-                            Ok(()) => {
-                                synced = (wal_pages, copied);
-                                if std::mem::take(&mut sync_failing) {
-                                    tracing::info!("the SQLite database file syncs again");
-                                }
-                            }
-                            Err(e) if !sync_failing => {
-                                sync_failing = true;
-                                tracing::warn!(error = %e, "cannot sync the SQLite database file after a checkpoint");
-                            }
-                            Err(_) => {}
                         }
                     }
                     if wal_restart_wanted(wal_pages, copied) {
@@ -599,6 +615,23 @@ mod tests {
         assert!(!copied_since_sync((0, 0), (40, 0)), "nothing copied (readers held it back)");
         // A busy checkpoint (another one running) answers -1, -1.
         assert!(!copied_since_sync((2500, 2400), (-1, -1)));
+    }
+
+    #[tokio::test]
+    async fn a_database_sync_that_failed_is_tried_again_after_the_next_pass() {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("stacker-sync-{}-{nanos}", std::process::id()));
+        let mut sync = DatabaseSync { file: dir.join("t.db"), synced: (0, 0), failing: false };
+        sync.after_pass((1200, 1100)).await;
+        assert!(sync.failing, "no file yet: the sync fails");
+        assert_eq!(sync.synced, (0, 0), "nothing counts as synced");
+
+        std::fs::create_dir_all(&dir).expect("create the test directory");
+        std::fs::write(dir.join("t.db"), b"pages").expect("write the file");
+        sync.after_pass((1200, 1100)).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!sync.failing, "the same pass's pages are synced once the file is there");
+        assert_eq!(sync.synced, (1200, 1100));
     }
 
     #[test]
