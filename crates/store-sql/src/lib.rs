@@ -21,6 +21,7 @@
 //!   On MySQL they go through sqlx as text, several statements per round trip
 //!   (`mysql_batch`). The append logic is written once, against `exec::WriteTx`.
 
+mod checkpointer;
 mod cursors;
 mod dialect;
 mod error;
@@ -32,9 +33,9 @@ mod rows;
 mod sqlite_writer;
 mod users;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
@@ -44,10 +45,10 @@ use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, ConnectOptions, Executor};
 use stacker_domain::store::Store;
 use stacker_domain::{Error, Result};
-use tokio::sync::oneshot;
 
 pub use dialect::Dialect;
 
+use checkpointer::Checkpointer;
 use sqlite_writer::SqliteWriter;
 
 use error::{map_err, observe};
@@ -92,9 +93,9 @@ impl Default for SqlOptions {
 pub struct SqlStore {
     pool: AnyPool,
     dialect: Dialect,
-    /// File-backed SQLite: the background checkpointer runs until the last
-    /// clone of the store is dropped (which drops this sender).
-    _checkpointer: Option<Arc<oneshot::Sender<()>>>,
+    /// File-backed, writable SQLite: the background checkpointer, which runs
+    /// until `close` or until the last clone of the store is dropped.
+    checkpointer: Option<Arc<Checkpointer>>,
     /// When (Unix ms) an append last met a client_msg_id already stored; for a
     /// while after that, appends look their ids up first (see `MessageStore::append`).
     repeat_seen_ms: Arc<AtomicI64>,
@@ -102,176 +103,13 @@ pub struct SqlStore {
     sqlite_writer: Option<Arc<SqliteWriter>>,
 }
 
-/// How often the background checkpointer copies the SQLite WAL into the
-/// database file.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 /// The WAL size (pages) at which a committing connection checkpoints by
-/// itself: a safety net, well above `WAL_RESTART_PAGES`, for when the hand-off
-/// below cannot happen (say, a long reader pins the WAL).
+/// itself: a safety net, well above `checkpointer::WAL_RESTART_PAGES`, for
+/// when the hand-off to the writer thread cannot happen (say, a long reader
+/// pins the WAL).
 const WRITER_AUTOCHECKPOINT_PAGES: u32 = 32_768;
-/// Once the WAL holds this many pages and a background checkpoint has copied
-/// (nearly) all it found, the writer thread checkpoints after its next append:
-/// it copies what was committed while the background run worked, and its next
-/// transaction then starts the WAL over from the top (SQLite restarts a WAL
-/// only when every frame has been copied and no reader still uses it). With a
-/// commit every millisecond or so the background checkpointer, copying while
-/// the writer commits, never gets there by itself: the WAL then grew to the
-/// autocheckpoint size, where the writer copied thousands of pages in line
-/// (25-50 ms, the p99 of half-rate latency).
-///
-/// The writer's share takes 15-30 ms whatever the WAL size (three fsyncs of a
-/// few ms each, then the copy), and appends wait for it. At 1,000 pages it
-/// came ~7 times a second at 5,000 msg/s and held up 10% of all messages (p95
-/// 15-17 ms); at 16,384 pages (64 MiB) it comes every few seconds (p95 3-4 ms).
-const WAL_RESTART_PAGES: i64 = 16_384;
-/// Pages that readers kept a background checkpoint from copying, past which
-/// the writer is not asked to finish (it would copy them in line).
-const WAL_RESTART_MAX_LEFT: i64 = 256;
-
-/// Most checkpoint passes in a row before the writer is asked to finish...
-const CATCH_UP_PASSES: usize = 4;
-/// ...stopping once a pass found at most this many pages committed since the
-/// one before. The writer's share then took 5-10 ms (p99 of commits 5 ms) at
-/// 15,000 msg/s, copying what one background pass let build up.
-const CAUGHT_UP_PAGES: i64 = 64;
-
-/// Syncs the database file (its data, as SQLite's `fsync` would) from a file
-/// handle of its own, on the blocking pool.
-///
-/// SQLite syncs the database file only at the end of a checkpoint that has
-/// reached the end of the WAL, which a background pass beside a busy writer
-/// never does: the pages it copied stayed dirty until the writer's finishing
-/// checkpoint, whose sync then wrote all of them while appends waited (the
-/// finish took 5-25 ms at 20,000 msg/s, and p99 latency with it). Synced
-/// after each background pass, off the writer's path, the finish writes only
-/// what was copied since.
-async fn sync_database_file(path: &Path) -> std::io::Result<()> {
-    let path = path.to_path_buf();
-    let started = std::time::Instant::now();
-    tokio::task::spawn_blocking(move || std::fs::File::open(&path)?.sync_data())
-        .await
-        .map_err(std::io::Error::other)??;
-    metrics::histogram!("stacker_sqlite_checkpoint_sync_seconds").record(started.elapsed().as_secs_f64());
-    Ok(())
-}
-
-/// Whether a background pass that left the WAL at `now` (WAL pages, pages
-/// copied) copied anything not yet synced, the last sync having been at
-/// `synced`. The counts fall when the WAL restarts.
-fn copied_since_sync(synced: (i64, i64), now: (i64, i64)) -> bool {
-    now.1 > 0 && now != synced
-}
-
-/// The background checkpointer's syncs of the database file.
-struct DatabaseSync {
-    file: PathBuf,
-    /// (WAL pages, pages copied) after the pass last synced.
-    synced: (i64, i64),
-    /// Syncing fails: logged when that starts and when it ends.
-    failing: bool,
-}
-
-impl DatabaseSync {
-    /// Syncs the file if the pass that left the WAL at `now` copied pages.
-    async fn after_pass(&mut self, now: (i64, i64)) {
-        if !copied_since_sync(self.synced, now) {
-            return;
-        }
-        match sync_database_file(&self.file).await {
-            Ok(()) => {
-                self.synced = now;
-                if std::mem::take(&mut self.failing) {
-                    tracing::info!("the SQLite database file syncs again");
-                }
-            }
-            Err(e) if !self.failing => {
-                self.failing = true;
-                tracing::warn!(error = %e, "cannot sync the SQLite database file after a checkpoint");
-            }
-            Err(_) => {}
-        }
-    }
-}
-
-/// `PRAGMA wal_checkpoint(PASSIVE)` on a pooled connection: copies what it can
-/// without waiting for readers or writers. Answers (WAL pages, pages copied).
-async fn passive_checkpoint(pool: &AnyPool) -> std::result::Result<(i64, i64), sqlx::Error> {
-    let (_busy, wal_pages, copied) =
-        sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(pool).await?;
-    Ok((wal_pages, copied))
-}
-
-/// Whether, after a background checkpoint that found `wal_pages` in the WAL
-/// and copied `copied` of them, the writer should finish the job.
-fn wal_restart_wanted(wal_pages: i64, copied: i64) -> bool {
-    wal_pages >= WAL_RESTART_PAGES && wal_pages - copied <= WAL_RESTART_MAX_LEFT
-}
 /// A WAL file grown past this is truncated back to it once it restarts.
 const WAL_SIZE_LIMIT_BYTES: u64 = 256 * 1024 * 1024;
-/// Longest wait between checkpoints while they keep failing.
-const CHECKPOINT_MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-/// Copies committed WAL frames into the SQLite database file from a pooled
-/// connection of its own, off the writer's path. By default SQLite makes the
-/// committing connection do this every 1,000 pages, fsyncs included, which was
-/// most of the commit time of the group-commit writer.
-///
-/// After a pass that copied pages it syncs `db_file` (see
-/// `sync_database_file`). When the WAL should start over, it sets
-/// `finish_wanted` for the writer thread (see `WAL_RESTART_PAGES`).
-fn spawn_checkpointer(pool: AnyPool, db_file: PathBuf, finish_wanted: Arc<AtomicBool>) -> oneshot::Sender<()> {
-    let (stop, mut stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        // While checkpoints fail (disk full, I/O errors) wait longer between
-        // tries, and log when failing starts and ends rather than every time.
-        let mut backoff = Duration::ZERO;
-        let mut sync = DatabaseSync { file: db_file, synced: (0, 0), failing: false };
-        loop {
-            tokio::select! {
-                _ = &mut stopped => return,
-                _ = tokio::time::sleep(CHECKPOINT_INTERVAL + backoff) => {}
-            }
-            if pool.is_closed() {
-                return;
-            }
-            match passive_checkpoint(&pool).await {
-                Ok((mut wal_pages, mut copied)) => {
-                    if !backoff.is_zero() {
-                        tracing::info!("SQLite WAL checkpoints work again");
-                        backoff = Duration::ZERO;
-                    }
-                    sync.after_pass((wal_pages, copied)).await;
-                    // Before the writer is asked to finish, catch up: each pass
-                    // (and its sync) copies what was committed during the one
-                    // before, so the writer is left little to copy and sync
-                    // while appends wait.
-                    let mut passes = 1;
-                    while wal_restart_wanted(wal_pages, copied) && passes < CATCH_UP_PASSES {
-                        let Ok((now_pages, now_copied)) = passive_checkpoint(&pool).await else { break };
-                        sync.after_pass((now_pages, now_copied)).await;
-                        let added = now_pages - wal_pages;
-                        (wal_pages, copied, passes) = (now_pages, now_copied, passes + 1);
-                        // Negative: the WAL restarted meanwhile.
-                        if added <= CAUGHT_UP_PAGES {
-                            break;
-                        }
-                    }
-                    if wal_restart_wanted(wal_pages, copied) {
-                        finish_wanted.store(true, Ordering::Release);
-                    }
-                }
-                Err(_) if pool.is_closed() => return,
-                Err(e) => {
-                    if backoff.is_zero() {
-                        tracing::warn!(error = %e, "SQLite WAL checkpoint failed; retrying with back-off");
-                    }
-                    backoff = (backoff * 2).clamp(CHECKPOINT_INTERVAL, CHECKPOINT_MAX_BACKOFF);
-                }
-            }
-        }
-    });
-    stop
-}
 
 /// The settings every SQLite connection runs with: WAL journaling,
 /// `synchronous=NORMAL`, foreign keys, a busy timeout, statement journals in
@@ -401,22 +239,16 @@ impl SqlStore {
         })?;
         // A read-only database has nothing to checkpoint.
         let checkpointed = file.filter(|_| sqlite_mode(&url) != Some("ro"));
-        let finish_checkpoint = Arc::new(AtomicBool::new(false));
-        let checkpointer = checkpointed
-            .clone()
-            .map(|file| Arc::new(spawn_checkpointer(pool.clone(), file, finish_checkpoint.clone())));
-        let mut store = SqlStore {
-            pool,
-            dialect,
-            _checkpointer: checkpointer,
-            repeat_seen_ms: Arc::default(),
-            sqlite_writer: None,
-        };
+        let mut store =
+            SqlStore { pool, dialect, checkpointer: None, repeat_seen_ms: Arc::default(), sqlite_writer: None };
         if opts.migrate {
             store.migrate().await?;
         }
         // Opened after the migrations, which create the file's tables.
         if let Some(file) = checkpointed {
+            let finish_checkpoint = Arc::new(AtomicBool::new(false));
+            let checkpointer = Checkpointer::spawn(file.clone(), pragmas.clone(), finish_checkpoint.clone());
+            store.checkpointer = Some(Arc::new(checkpointer));
             let writer = SqliteWriter::open(file, pragmas, finish_checkpoint).await?;
             store.sqlite_writer = Some(Arc::new(writer));
         }
@@ -491,6 +323,9 @@ impl SqlStore {
     /// Closes the pool (and SQLite's writer), waiting for checked-out
     /// connections to return.
     pub async fn close(&self) {
+        if let Some(checkpointer) = &self.checkpointer {
+            checkpointer.close().await;
+        }
         if let Some(writer) = &self.sqlite_writer {
             writer.close().await;
         }
@@ -593,45 +428,6 @@ mod tests {
         assert_eq!(sqlite_path("sqlite::memory:"), None);
         assert_eq!(sqlite_path("sqlite://:memory:"), None);
         assert_eq!(sqlite_path("sqlite://x?mode=memory&cache=shared"), None);
-    }
-
-    #[test]
-    fn the_writer_finishes_checkpoints_of_a_big_wal_that_readers_did_not_hold_back() {
-        assert!(!wal_restart_wanted(WAL_RESTART_PAGES - 1, WAL_RESTART_PAGES - 1), "small WAL: left to the background");
-        assert!(wal_restart_wanted(WAL_RESTART_PAGES, WAL_RESTART_PAGES));
-        let big = WAL_RESTART_PAGES + 4000;
-        assert!(wal_restart_wanted(big, big - WAL_RESTART_MAX_LEFT));
-        assert!(!wal_restart_wanted(big, big - WAL_RESTART_MAX_LEFT - 1), "readers held pages back");
-        // A busy checkpoint (another one running) answers -1, -1.
-        assert!(!wal_restart_wanted(-1, -1));
-    }
-
-    #[test]
-    fn the_checkpointer_syncs_after_passes_that_copied_pages() {
-        assert!(copied_since_sync((0, 0), (1200, 1100)), "first pages copied");
-        assert!(copied_since_sync((1200, 1100), (2500, 2400)), "more copied");
-        assert!(copied_since_sync((17000, 16990), (300, 280)), "copied after the WAL restarted");
-        assert!(!copied_since_sync((2500, 2400), (2500, 2400)), "nothing new: idle");
-        assert!(!copied_since_sync((0, 0), (40, 0)), "nothing copied (readers held it back)");
-        // A busy checkpoint (another one running) answers -1, -1.
-        assert!(!copied_since_sync((2500, 2400), (-1, -1)));
-    }
-
-    #[tokio::test]
-    async fn a_database_sync_that_failed_is_tried_again_after_the_next_pass() {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let dir = std::env::temp_dir().join(format!("stacker-sync-{}-{nanos}", std::process::id()));
-        let mut sync = DatabaseSync { file: dir.join("t.db"), synced: (0, 0), failing: false };
-        sync.after_pass((1200, 1100)).await;
-        assert!(sync.failing, "no file yet: the sync fails");
-        assert_eq!(sync.synced, (0, 0), "nothing counts as synced");
-
-        std::fs::create_dir_all(&dir).expect("create the test directory");
-        std::fs::write(dir.join("t.db"), b"pages").expect("write the file");
-        sync.after_pass((1200, 1100)).await;
-        let _ = std::fs::remove_dir_all(&dir);
-        assert!(!sync.failing, "the same pass's pages are synced once the file is there");
-        assert_eq!(sync.synced, (1200, 1100));
     }
 
     #[test]
