@@ -90,6 +90,17 @@ async fn run(path: PathBuf, pragmas: Vec<String>, finish_wanted: Arc<AtomicBool>
         })
         .await;
         let result = match outcome {
+            Ok((rounds, Err(RoundError::Sync(e)))) => {
+                // Linux reports a write-back error once per open file: a later
+                // sync on this same handle could answer success for pages that
+                // never reached the disk, and let the WAL start over on top of
+                // them. So no more background checkpoints; the writers' own
+                // (SQLite's autocheckpoint, on their own handles) go on.
+                tracing::error!(error = %e, "cannot sync the SQLite database file; background checkpoints stop");
+                metrics::counter!("stacker_sqlite_checkpoint_failures_total").increment(1);
+                state = Some(rounds);
+                break;
+            }
             Ok((rounds, result)) => {
                 state = Some(rounds);
                 result.map_err(|e| e.to_string())
@@ -125,6 +136,24 @@ async fn run(path: PathBuf, pragmas: Vec<String>, finish_wanted: Arc<AtomicBool>
     }
 }
 
+/// Why a round failed.
+#[derive(Debug)]
+enum RoundError {
+    /// Opening the connection or a checkpoint pass failed: retried.
+    Checkpoint(rusqlite::Error),
+    /// Syncing the database file failed: background checkpoints stop.
+    Sync(rusqlite::Error),
+}
+
+impl std::fmt::Display for RoundError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoundError::Checkpoint(e) => write!(f, "{e}"),
+            RoundError::Sync(e) => write!(f, "sync: {e}"),
+        }
+    }
+}
+
 /// The checkpointer's connection and what it last synced.
 struct Rounds {
     path: PathBuf,
@@ -141,17 +170,18 @@ impl Rounds {
     /// its sync), so the writer is left little to copy and sync while appends
     /// wait. Each pass that copied pages is followed by a sync of the database
     /// file. Answers whether the writer should now finish.
-    fn round(&mut self) -> rusqlite::Result<bool> {
+    fn round(&mut self) -> Result<bool, RoundError> {
         if self.conn.is_none() {
-            self.conn = Some(open(&self.path, &self.pragmas)?);
+            self.conn = Some(open(&self.path, &self.pragmas).map_err(RoundError::Checkpoint)?);
         }
         let Some(conn) = self.conn.as_ref() else { return Ok(false) };
-        let (mut wal_pages, mut copied) = passive_checkpoint(conn)?;
-        sync_if_copied(conn, &mut self.synced, (wal_pages, copied))?;
+        let (mut wal_pages, mut copied) = passive_checkpoint(conn).map_err(RoundError::Checkpoint)?;
+        sync_if_copied(conn, &mut self.synced, (wal_pages, copied)).map_err(RoundError::Sync)?;
         let mut passes = 1;
         while wal_restart_wanted(wal_pages, copied) && passes < CATCH_UP_PASSES {
-            let (now_pages, now_copied) = passive_checkpoint(conn)?;
-            sync_if_copied(conn, &mut self.synced, (now_pages, now_copied))?;
+            // A failed catch-up pass ends the catch-up; the next round retries.
+            let Ok((now_pages, now_copied)) = passive_checkpoint(conn) else { break };
+            sync_if_copied(conn, &mut self.synced, (now_pages, now_copied)).map_err(RoundError::Sync)?;
             let added = now_pages - wal_pages;
             (wal_pages, copied, passes) = (now_pages, now_copied, passes + 1);
             // Negative: the WAL restarted meanwhile.
@@ -331,6 +361,95 @@ mod tests {
         assert_eq!(rounds.synced, (wal_pages, copied));
         let rows: i64 = writer.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).expect("count");
         assert_eq!(rows, 500);
+    }
+
+    /// Whether a lock (this process's included) covers SQLite's shared-lock
+    /// bytes of `file`. Its probe handle is closed on return, which drops
+    /// every POSIX lock the process holds on the file: call it last.
+    #[cfg(target_os = "linux")]
+    fn shared_lock_held(file: &Path) -> bool {
+        use std::os::fd::AsRawFd;
+        let probe = std::fs::File::open(file).expect("open the probe");
+        // SAFETY: a zeroed flock is valid (l_pid must be 0 for F_OFD_GETLK).
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as _;
+        lock.l_whence = libc::SEEK_SET as _;
+        lock.l_start = 0x4000_0002; // SHARED_FIRST: PENDING_BYTE (1 GiB) + 2
+        lock.l_len = 510; // SHARED_SIZE
+                          // SAFETY: a valid descriptor and a valid flock for F_OFD_GETLK. An OFD
+                          // probe sees conflicting record locks of its own process too.
+        let rc = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
+        assert_eq!(rc, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+        lock.l_type != libc::F_UNLCK as libc::c_short
+    }
+
+    /// A WAL database with a writer connection that has written to it.
+    #[cfg(target_os = "linux")]
+    fn written(name: &str) -> (TempDb, Connection) {
+        let db = TempDb::new(name);
+        let mut writer = Connection::open(db.file()).expect("open the writer");
+        insert_rows(&mut writer, 200);
+        (db, writer)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_lock_probe_sees_sqlites_shared_lock() {
+        let (db, _writer) = written("probe");
+        assert!(shared_lock_held(&db.file()), "a WAL connection holds its shared lock between transactions");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_handle_of_our_own_closed_drops_sqlites_locks() {
+        let (db, _writer) = written("own-handle");
+        std::fs::File::open(db.file()).and_then(|f| f.sync_data()).expect("sync through a handle of our own");
+        assert!(
+            !shared_lock_held(&db.file()),
+            "closing any handle dropped the process's locks (why syncs go through SQLite)"
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_synced_round_keeps_sqlites_locks() {
+        let (db, _writer) = written("keeps-locks");
+        let mut rounds = Rounds { path: db.file(), pragmas: Vec::new(), conn: None, synced: (0, 0) };
+        rounds.round().expect("the round works");
+        assert!(rounds.synced.1 > 0, "the round copied and synced pages");
+        assert!(shared_lock_held(&db.file()), "the sync left the process's locks in place");
+    }
+
+    /// Whether `conn` could take the database out of WAL mode, which SQLite
+    /// refuses while another connection has it open.
+    fn alone(conn: &Connection) -> bool {
+        conn.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get::<_, String>(0)).is_ok_and(|mode| mode == "delete")
+    }
+
+    #[tokio::test]
+    async fn close_stops_the_checkpointer_and_closes_its_connection() {
+        let db = TempDb::new("close");
+        let checkpointer = Checkpointer::spawn(db.file(), Vec::new(), Arc::default());
+        tokio::time::sleep(INTERVAL * 4).await;
+        let conn = Connection::open(db.file()).expect("open");
+        assert!(!alone(&conn), "the checkpointer's connection is open");
+        tokio::time::timeout(Duration::from_secs(10), checkpointer.close()).await.expect("close returns");
+        assert!(alone(&conn), "close closed the checkpointer's connection");
+    }
+
+    #[tokio::test]
+    async fn the_checkpointer_stops_when_dropped() {
+        let db = TempDb::new("drop");
+        let checkpointer = Checkpointer::spawn(db.file(), Vec::new(), Arc::default());
+        tokio::time::sleep(INTERVAL * 4).await;
+        let conn = Connection::open(db.file()).expect("open");
+        assert!(!alone(&conn), "the checkpointer's connection is open");
+        drop(checkpointer);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !alone(&conn) {
+            assert!(Instant::now() < deadline, "the dropped checkpointer's connection stayed open");
+            tokio::time::sleep(INTERVAL).await;
+        }
     }
 
     #[test]

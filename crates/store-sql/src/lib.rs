@@ -118,8 +118,9 @@ const WAL_SIZE_LIMIT_BYTES: u64 = 256 * 1024 * 1024;
 /// for a file the checkpoint and WAL size limits.
 fn sqlite_pragmas(busy_timeout: Duration, file_backed: bool) -> Vec<String> {
     let mut pragmas: Vec<String> = vec![
-        "PRAGMA journal_mode = WAL".into(),
+        // The busy timeout first: setting the journal mode may wait for a lock.
         format!("PRAGMA busy_timeout = {}", busy_timeout.as_millis()),
+        "PRAGMA journal_mode = WAL".into(),
         "PRAGMA synchronous = NORMAL".into(),
         "PRAGMA foreign_keys = ON".into(),
         "PRAGMA temp_store = MEMORY".into(),
