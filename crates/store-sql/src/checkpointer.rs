@@ -8,7 +8,7 @@
 //! Each round runs on tokio's blocking pool with the connection moved in and
 //! back out, so the connection is only ever used by one thread at a time.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use rusqlite::{ffi, Connection};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+use crate::sqlite_writer::open_rusqlite;
 
 /// How often the checkpointer copies the WAL into the database file.
 const INTERVAL: Duration = Duration::from_millis(50);
@@ -172,7 +174,7 @@ impl Rounds {
     /// file. Answers whether the writer should now finish.
     fn round(&mut self) -> Result<bool, RoundError> {
         if self.conn.is_none() {
-            self.conn = Some(open(&self.path, &self.pragmas).map_err(RoundError::Checkpoint)?);
+            self.conn = Some(open_rusqlite(&self.path, &self.pragmas).map_err(RoundError::Checkpoint)?);
         }
         let Some(conn) = self.conn.as_ref() else { return Ok(false) };
         let (mut wal_pages, mut copied) = passive_checkpoint(conn).map_err(RoundError::Checkpoint)?;
@@ -191,16 +193,6 @@ impl Rounds {
         }
         Ok(wal_restart_wanted(wal_pages, copied))
     }
-}
-
-fn open(path: &Path, pragmas: &[String]) -> rusqlite::Result<Connection> {
-    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags)?;
-    for pragma in pragmas {
-        // `PRAGMA journal_mode` answers with a row; execute_batch ignores it.
-        conn.execute_batch(pragma)?;
-    }
-    Ok(conn)
 }
 
 /// `PRAGMA wal_checkpoint(PASSIVE)`: copies what it can without waiting for
@@ -284,32 +276,18 @@ fn sync_database_file(conn: &Connection) -> rusqlite::Result<()> {
 mod tests {
     use super::*;
 
-    /// A WAL database in a directory of its own, removed when dropped.
-    struct TempDb(PathBuf);
+    use crate::test_dir::TempDir as TempDb;
 
-    impl TempDb {
-        fn new(name: &str) -> Self {
-            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-            let dir = std::env::temp_dir().join(format!("stacker-ckpt-{name}-{}-{nanos}", std::process::id()));
-            std::fs::create_dir_all(&dir).expect("create the test directory");
-            let conn = Connection::open(dir.join("t.db")).expect("create the database");
-            conn.execute_batch(
-                "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;
-                 CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
-            )
-            .expect("create the table");
-            Self(dir)
-        }
-
-        fn file(&self) -> PathBuf {
-            self.0.join("t.db")
-        }
-    }
-
-    impl Drop for TempDb {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+    /// A WAL database with a table `t`, in a directory of its own.
+    fn wal_db(name: &str) -> TempDb {
+        let db = TempDb::new(name);
+        let conn = Connection::open(db.file()).expect("create the database");
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;
+             CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
+        )
+        .expect("create the table");
+        db
     }
 
     fn insert_rows(conn: &mut Connection, n: usize) {
@@ -343,7 +321,7 @@ mod tests {
 
     #[test]
     fn a_round_copies_the_wal_and_syncs_through_sqlites_own_handle() {
-        let db = TempDb::new("round");
+        let db = wal_db("round");
         let mut writer = Connection::open(db.file()).expect("open the writer");
         insert_rows(&mut writer, 500);
         let mut rounds = Rounds { path: db.file(), pragmas: Vec::new(), conn: None, synced: (0, 0) };
@@ -367,7 +345,7 @@ mod tests {
     /// bytes of `file`. Its probe handle is closed on return, which drops
     /// every POSIX lock the process holds on the file: call it last.
     #[cfg(target_os = "linux")]
-    fn shared_lock_held(file: &Path) -> bool {
+    fn shared_lock_held(file: &std::path::Path) -> bool {
         use std::os::fd::AsRawFd;
         let probe = std::fs::File::open(file).expect("open the probe");
         // SAFETY: a zeroed flock is valid (l_pid must be 0 for F_OFD_GETLK).
@@ -386,7 +364,7 @@ mod tests {
     /// A WAL database with a writer connection that has written to it.
     #[cfg(target_os = "linux")]
     fn written(name: &str) -> (TempDb, Connection) {
-        let db = TempDb::new(name);
+        let db = wal_db(name);
         let mut writer = Connection::open(db.file()).expect("open the writer");
         insert_rows(&mut writer, 200);
         (db, writer)
@@ -426,24 +404,26 @@ mod tests {
         conn.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get::<_, String>(0)).is_ok_and(|mode| mode == "delete")
     }
 
-    #[tokio::test]
-    async fn close_stops_the_checkpointer_and_closes_its_connection() {
-        let db = TempDb::new("close");
+    /// A checkpointer that has run a few rounds, and another connection.
+    async fn running(name: &str) -> (TempDb, Checkpointer, Connection) {
+        let db = wal_db(name);
         let checkpointer = Checkpointer::spawn(db.file(), Vec::new(), Arc::default());
         tokio::time::sleep(INTERVAL * 4).await;
         let conn = Connection::open(db.file()).expect("open");
         assert!(!alone(&conn), "the checkpointer's connection is open");
+        (db, checkpointer, conn)
+    }
+
+    #[tokio::test]
+    async fn close_stops_the_checkpointer_and_closes_its_connection() {
+        let (_db, checkpointer, conn) = running("close").await;
         tokio::time::timeout(Duration::from_secs(10), checkpointer.close()).await.expect("close returns");
         assert!(alone(&conn), "close closed the checkpointer's connection");
     }
 
     #[tokio::test]
     async fn the_checkpointer_stops_when_dropped() {
-        let db = TempDb::new("drop");
-        let checkpointer = Checkpointer::spawn(db.file(), Vec::new(), Arc::default());
-        tokio::time::sleep(INTERVAL * 4).await;
-        let conn = Connection::open(db.file()).expect("open");
-        assert!(!alone(&conn), "the checkpointer's connection is open");
+        let (_db, checkpointer, conn) = running("drop").await;
         drop(checkpointer);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !alone(&conn) {
@@ -454,7 +434,7 @@ mod tests {
 
     #[test]
     fn a_round_on_a_missing_file_fails_and_the_next_one_opens_it() {
-        let db = TempDb::new("missing");
+        let db = wal_db("missing");
         let mut rounds = Rounds { path: db.0.join("later.db"), pragmas: Vec::new(), conn: None, synced: (0, 0) };
         assert!(rounds.round().is_err(), "no file: the open fails");
         assert!(rounds.conn.is_none());

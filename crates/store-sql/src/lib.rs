@@ -31,6 +31,8 @@ mod mysql_batch;
 mod rooms;
 mod rows;
 mod sqlite_writer;
+#[cfg(test)]
+mod test_dir;
 mod users;
 
 use std::path::PathBuf;

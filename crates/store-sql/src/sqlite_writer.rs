@@ -147,14 +147,21 @@ fn finish_wal_checkpoint(conn: &Connection) {
     metrics::histogram!("stacker_sqlite_writer_checkpoint_seconds").record(started.elapsed().as_secs_f64());
 }
 
-fn open_connection(path: &Path, pragmas: &[String]) -> rusqlite::Result<Connection> {
+/// A rusqlite connection to the existing SQLite file at `path`, set up with
+/// `pragmas`, for one thread at a time (the writer's, the checkpointer's).
+pub(crate) fn open_rusqlite(path: &Path, pragmas: &[String]) -> rusqlite::Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)?;
-    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     for pragma in pragmas {
         // `PRAGMA journal_mode` answers with a row; execute_batch ignores it.
         conn.execute_batch(pragma)?;
     }
+    Ok(conn)
+}
+
+fn open_connection(path: &Path, pragmas: &[String]) -> rusqlite::Result<Connection> {
+    let conn = open_rusqlite(path, pragmas)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     // Negative: a size in KiB rather than in pages.
     conn.execute_batch(&format!("PRAGMA cache_size = -{PAGE_CACHE_KIB}"))?;
     Ok(conn)
@@ -253,31 +260,7 @@ impl From<rusqlite::Error> for Fail {
 mod tests {
     use super::*;
 
-    /// A database file in a directory of its own, removed when dropped.
-    struct TempDb(PathBuf);
-
-    impl TempDb {
-        fn new(name: &str) -> Self {
-            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-            let dir = std::env::temp_dir().join(format!("stacker-writer-{name}-{}-{nanos}", std::process::id()));
-            std::fs::create_dir_all(&dir).expect("create the test directory");
-            Self(dir)
-        }
-
-        fn file(&self) -> PathBuf {
-            self.0.join("t.db")
-        }
-
-        fn wal_bytes(&self) -> u64 {
-            std::fs::metadata(self.0.join("t.db-wal")).map_or(0, |m| m.len())
-        }
-    }
-
-    impl Drop for TempDb {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_dir::TempDir as TempDb;
 
     async fn insert_rows(writer: &SqliteWriter) {
         writer
