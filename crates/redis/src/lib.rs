@@ -55,6 +55,16 @@ impl Default for RedisOptions {
     }
 }
 
+/// The connection for blocking stream reads, and the streams whose consumer
+/// group it has made sure of. Both go after an error: a Redis that restarted
+/// (or a stream that was deleted) has lost its groups, and reading one then
+/// fails, so the next read makes sure of the group again instead of every
+/// read paying a round trip for it.
+struct BlockingConn {
+    conn: redis::aio::MultiplexedConnection,
+    grouped: std::collections::HashSet<String>,
+}
+
 /// Registry and bus on one Redis. Cheap to clone (a shared, reconnecting
 /// connection); blocking stream reads use a dedicated connection each.
 #[derive(Clone)]
@@ -63,7 +73,7 @@ pub struct RedisCluster {
     conn: ConnectionManager,
     /// For blocking stream reads, which must not share the manager's connection
     /// (nor its response timeout); rebuilt after an error.
-    blocking: std::sync::Arc<tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
+    blocking: std::sync::Arc<tokio::sync::Mutex<Option<BlockingConn>>>,
     options: RedisOptions,
 }
 
@@ -389,18 +399,22 @@ impl Bus for RedisCluster {
         block: Duration,
     ) -> Result<Vec<(String, BusEntry)>> {
         let stream = self.stream(gateway);
-        self.ensure_group(&stream).await?;
         // A blocking read holds its connection: use a dedicated one whose response
         // timeout outlasts the block (the client's default, 500 ms, would race it).
         let mut slot = self.blocking.lock().await;
         if slot.is_none() {
             let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(block + Duration::from_secs(5)));
-            *slot = Some(observe("consume", self.client.get_multiplexed_async_connection_with_config(&config)).await?);
+            let conn = observe("consume", self.client.get_multiplexed_async_connection_with_config(&config)).await?;
+            *slot = Some(BlockingConn { conn, grouped: Default::default() });
         }
-        let Some(conn) = slot.as_mut() else { return Ok(Vec::new()) };
+        let Some(blocking) = slot.as_mut() else { return Ok(Vec::new()) };
+        if !blocking.grouped.contains(&stream) {
+            self.ensure_group(&stream).await?;
+            blocking.grouped.insert(stream.clone());
+        }
         let options = StreamReadOptions::default().group(GROUP, consumer).count(max).block(block.as_millis() as usize);
         let reply: Option<StreamReadReply> =
-            match observe("consume", conn.xread_options(&[&stream], &[">"], &options)).await {
+            match observe("consume", blocking.conn.xread_options(&[&stream], &[">"], &options)).await {
                 Ok(reply) => reply,
                 Err(e) => {
                     *slot = None; // reconnect next time (e.g. after a Redis restart)

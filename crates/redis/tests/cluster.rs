@@ -173,6 +173,39 @@ async fn streams_deliver_in_order_ack_and_reclaim() {
     c.delete_all_keys().await.unwrap();
 }
 
+/// A stream deleted under its consumer (say, the flusher took its gateway for
+/// dead): the consumer's group is made sure of once per connection, so the
+/// next read fails at most once, and the one after has the group back and
+/// reads everything published meanwhile.
+#[tokio::test]
+async fn a_consumer_gets_its_group_back_after_its_stream_was_deleted() {
+    let Some(c) = cluster().await else { return };
+    let entry = |seq: i64| BusEntry {
+        users: vec![3],
+        push: BusPush::Message { room: 7, seq, frame: format!("{{\"seq\":{seq}}}") },
+        hops: 0,
+    };
+    c.publish("gw2", &entry(1)).await.unwrap();
+    assert_eq!(c.consume("gw2", "gw2", 10, Duration::from_millis(100)).await.unwrap().len(), 1);
+    c.drop_stream("gw2").await.unwrap();
+    c.publish("gw2", &entry(2)).await.unwrap();
+    c.publish("gw2", &entry(3)).await.unwrap();
+    let mut got = Vec::new();
+    let mut failures = 0;
+    for _ in 0..3 {
+        match c.consume("gw2", "gw2", 10, Duration::from_millis(100)).await {
+            Ok(entries) => got.extend(entries.into_iter().map(|(_, e)| e)),
+            Err(_) => failures += 1,
+        }
+        if got.len() >= 2 {
+            break;
+        }
+    }
+    assert!(failures <= 1, "{failures} reads failed");
+    assert_eq!(got, vec![entry(2), entry(3)]);
+    c.delete_all_keys().await.unwrap();
+}
+
 fn brief(user: i64, role: Role) -> MemberBrief {
     MemberBrief { user_id: user, role, mute_until: 0 }
 }
