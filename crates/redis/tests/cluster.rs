@@ -7,8 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stacker_domain::cluster::{Bus, BusEntry, BusPush, GatewayInfo, Registry};
+use stacker_domain::delivery::remote::{BusFanout, LocalGateway};
+use stacker_domain::delivery::{Delivery, DeliveryConfig, Session};
+use stacker_domain::fanout::Fanout;
 use stacker_domain::membership::{MemberBrief, MemberCache, RoomMembers, SharedMemberCache};
-use stacker_domain::model::{JoinPolicy, Member, MemberChange, Role, Room, User};
+use stacker_domain::model::{Content, JoinPolicy, Member, MemberChange, NewMessage, Role, Room, User};
 use stacker_domain::store::Store;
 use stacker_domain::Error;
 use stacker_redis::{RedisCluster, RedisOptions};
@@ -331,4 +334,142 @@ async fn publish_many_keeps_order_per_stream() {
         assert_eq!(got.into_iter().map(|(_, e)| e).collect::<Vec<_>>(), want.map(entry).to_vec());
     }
     c.delete_all_keys().await.unwrap();
+}
+
+/// Frames a session writes within `wait`, as JSON.
+async fn frames_within(session: &mut Session, wait: Duration) -> Vec<serde_json::Value> {
+    let mut frames = Vec::new();
+    let _ = tokio::time::timeout(wait, async {
+        loop {
+            // `next` returns at once while its buffer holds frames.
+            let mut burst = Vec::new();
+            if session.next(&mut burst).await.is_err() {
+                return;
+            }
+            frames.append(&mut burst);
+        }
+    })
+    .await;
+    frames.iter().map(|f| serde_json::from_slice(f.bytes()).expect("a JSON frame")).collect()
+}
+
+/// On a gateway, the pushes for its own connections skip its stream: a
+/// stored message reaches the sender (ack and copy) and a member connected
+/// there at once, while the members on other gateways get stream entries, and
+/// a member whose cached route still names this gateway is pushed on to where
+/// they are now. A send instance (no local gateway) puts everything on the
+/// streams.
+#[tokio::test]
+async fn a_gateway_hands_its_own_pushes_over_without_its_stream() {
+    let Some(c) = cluster().await else { return };
+    let db = fresh_database(DbKind::Sqlite).await.expect("sqlite");
+    let store: Arc<dyn Store> = Arc::new(SqlStore::connect(&db.url, SqlOptions::default()).await.expect("store"));
+    for id in 1..=4 {
+        let user =
+            User { id, username: format!("u{id}"), nickname: String::new(), password_hash: "x".into(), created_at: 0 };
+        store.insert_user(&user).await.unwrap();
+    }
+    let room = Room {
+        id: 100,
+        name: "r".into(),
+        is_group: true,
+        join_policy: JoinPolicy::Open,
+        owner_id: 1,
+        direct_key: None,
+        last_seq: 0,
+        created_at: 0,
+    };
+    let members: Vec<Member> = (1..=4).map(|u| Member::new(100, u, Role::Member, 0)).collect();
+    store.insert_room(&room, &members).await.unwrap();
+    // 1 and 2 are connected here (gw-a), 3 on gw-b, 4 on gw-c.
+    for (user, gateway) in [(1, "gw-a"), (2, "gw-a"), (3, "gw-b"), (4, "gw-c")] {
+        c.route_connected(user, gateway).await.unwrap();
+    }
+    let shared: Arc<dyn SharedMemberCache> = Arc::new(c.clone());
+    let cache = Arc::new(MemberCache::new(store.clone(), Some(shared), Duration::from_secs(1)));
+    let delivery = Delivery::start(store.clone(), cache.clone(), DeliveryConfig::default());
+    let (_h1, mut sender) = delivery.connect(1, "d").await.unwrap();
+    let (_h2, mut member) = delivery.connect(2, "d").await.unwrap();
+    let fanout_on = |local: Option<LocalGateway>| {
+        BusFanout::new(Arc::new(c.clone()), Arc::new(c.clone()), cache.clone(), Duration::from_secs(60), 100, local)
+    };
+    let gateway = fanout_on(Some(LocalGateway {
+        id: "gw-a".into(),
+        hub: delivery.hub().clone(),
+        enqueue_timeout: Duration::from_millis(100),
+    }));
+    let store_one = |id: i64| {
+        let store = store.clone();
+        let message = NewMessage {
+            id,
+            room_id: 100,
+            sender_id: 1,
+            client_msg_id: Some(format!("c{id}")),
+            content: Arc::new(Content::text("hi")),
+            created_at: 1,
+        };
+        async move { store.append(&[message]).await.unwrap() }
+    };
+    let read = |gw: &'static str| {
+        let c = c.clone();
+        async move {
+            c.consume(gw, gw, 10, Duration::from_millis(50))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(_, e)| e)
+                .collect::<Vec<_>>()
+        }
+    };
+    let chat = |e: &BusEntry, users: &[i64], hops: u8, seq: i64| {
+        assert_eq!((&e.users[..], e.hops), (users, hops), "{e:?}");
+        assert!(matches!(e.push, BusPush::Message { room: 100, seq: s, .. } if s == seq), "{e:?}");
+    };
+    let seqs = |frames: &[serde_json::Value]| -> Vec<(String, i64)> {
+        frames.iter().map(|f| (f["type"].as_str().unwrap_or("").to_string(), f["seq"].as_i64().unwrap_or(0))).collect()
+    };
+
+    gateway.batch_stored(&store_one(1000).await).await;
+    let got = frames_within(&mut sender, Duration::from_millis(300)).await;
+    assert_eq!(seqs(&got), [("ack".into(), 1), ("chat".into(), 1)], "the sender's ack and copy");
+    let got = frames_within(&mut member, Duration::from_millis(300)).await;
+    assert_eq!(seqs(&got), [("chat".into(), 1)]);
+    assert!(read("gw-a").await.is_empty(), "nothing went through this gateway's own stream");
+    let on_b = read("gw-b").await;
+    assert_eq!(on_b.len(), 1, "{on_b:?}");
+    chat(&on_b[0], &[3], 0, 1);
+    let on_c = read("gw-c").await;
+    assert_eq!(on_c.len(), 1, "{on_c:?}");
+    chat(&on_c[0], &[4], 0, 1);
+
+    // 3 moves here after the gateway cached its route: the entry is handed
+    // over here, 3 is not connected, and it goes on to 3's gateway now.
+    c.route_disconnected(3, "gw-b", Duration::ZERO).await.unwrap();
+    c.route_connected(3, "gw-a").await.unwrap();
+    gateway.forget_routes(&[3]).await;
+    gateway.batch_stored(&store_one(1001).await).await;
+    c.route_disconnected(3, "gw-a", Duration::ZERO).await.unwrap();
+    c.route_connected(3, "gw-b").await.unwrap();
+    gateway.batch_stored(&store_one(1002).await).await;
+    assert_eq!(
+        seqs(&frames_within(&mut member, Duration::from_millis(300)).await),
+        [("chat".into(), 2), ("chat".into(), 3)]
+    );
+    let on_b = read("gw-b").await;
+    assert_eq!(on_b.len(), 1, "{on_b:?}");
+    chat(&on_b[0], &[3], 1, 3);
+    assert!(read("gw-a").await.is_empty());
+
+    // The control: a send instance has no connections, so gw-a's entries
+    // (the ack, and the copies for 1 and 2) go to gw-a's stream.
+    let control = fanout_on(None);
+    control.batch_stored(&store_one(1003).await).await;
+    let on_a = read("gw-a").await;
+    assert_eq!(on_a.len(), 2, "{on_a:?}");
+    assert!(matches!(on_a[0].push, BusPush::Frame { .. }) && on_a[0].users == [1], "the ack: {on_a:?}");
+    chat(&on_a[1], &[1, 2], 0, 4);
+    assert!(frames_within(&mut member, Duration::from_millis(100)).await.is_empty(), "no relay runs here");
+
+    c.delete_all_keys().await.unwrap();
+    db.drop_database().await;
 }

@@ -10,7 +10,7 @@ use stacker_domain::accounts::Accounts;
 use stacker_domain::auth::Tokens;
 use stacker_domain::cluster::Registry;
 use stacker_domain::commit::{CommitConfig, GroupCommitter};
-use stacker_domain::delivery::remote::BusFanout;
+use stacker_domain::delivery::remote::{BusFanout, LocalGateway};
 use stacker_domain::delivery::{self, Delivery, SessionLimits};
 use stacker_domain::fanout::Fanout;
 use stacker_domain::ids::IdGenerator;
@@ -60,12 +60,19 @@ impl App {
     }
 
     /// Like [`App::build`] for one process of a cluster: pushes go through
-    /// Redis streams, and the snowflake node id is leased from Redis.
-    pub async fn build_distributed(config: Config, redis: RedisCluster, instance: String) -> anyhow::Result<App> {
-        Self::build_in(config, Some((redis, instance))).await
+    /// Redis streams, and the snowflake node id is leased from Redis. A
+    /// `gateway` (its `instance` id is its gateway id) hands the pushes for
+    /// its own connections over in place.
+    pub async fn build_distributed(
+        config: Config,
+        redis: RedisCluster,
+        instance: String,
+        gateway: bool,
+    ) -> anyhow::Result<App> {
+        Self::build_in(config, Some((redis, instance, gateway))).await
     }
 
-    async fn build_in(config: Config, cluster: Option<(RedisCluster, String)>) -> anyhow::Result<App> {
+    async fn build_in(config: Config, cluster: Option<(RedisCluster, String, bool)>) -> anyhow::Result<App> {
         // Install the recorder before anything records.
         crate::telemetry::prometheus();
         let url = config.database_url();
@@ -86,7 +93,7 @@ impl App {
         let store: Arc<dyn Store> = Arc::new(store);
         let secret = jwt_secret(&config)?;
         let node_id = match &cluster {
-            Some((redis, instance)) => lease_node_id(redis.clone(), instance.clone()).await?,
+            Some((redis, instance, _)) => lease_node_id(redis.clone(), instance.clone()).await?,
             None => config.node_id,
         };
         let ids = Arc::new(IdGenerator::new(node_id)?);
@@ -97,7 +104,7 @@ impl App {
         // its own cache, so lists live long. A cluster process also shares a Redis
         // tier and keeps its own copy only briefly (other processes change rooms).
         let members = Arc::new(match &cluster {
-            Some((redis, _)) => MemberCache::new(
+            Some((redis, _, _)) => MemberCache::new(
                 store.clone(),
                 Some(Arc::new(redis.clone())),
                 Duration::from_millis(config.cluster.member_cache_ms),
@@ -105,13 +112,19 @@ impl App {
             None => MemberCache::new(store.clone(), None, Duration::from_secs(600)),
         });
         let delivery = Delivery::start(store.clone(), members.clone(), delivery_config(&config));
-        let cluster = cluster.map(|(redis, instance)| {
+        let cluster = cluster.map(|(redis, instance, gateway)| {
+            let local = gateway.then(|| LocalGateway {
+                id: instance.clone(),
+                hub: delivery.hub().clone(),
+                enqueue_timeout: delivery.enqueue_timeout(),
+            });
             let fanout = Arc::new(BusFanout::new(
                 Arc::new(redis.clone()),
                 Arc::new(redis.clone()),
                 members.clone(),
                 Duration::from_millis(config.cluster.route_cache_ms),
                 config.delivery.batch_size,
+                local,
             ));
             ClusterContext { redis, fanout, instance }
         });

@@ -113,7 +113,7 @@ async fn serve_app(
     let id = format!("{kind}-{}", addr.port());
     let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
     let url = format!("http://{host}:{}", addr.port());
-    let app = Arc::new(App::build_distributed(config.clone(), redis, id.clone()).await?);
+    let app = Arc::new(App::build_distributed(config.clone(), redis, id.clone(), false).await?);
     let http = reqwest::Client::new();
     let registry = config.cluster.registry_url.trim_end_matches('/').to_string();
     let secret = config.cluster.internal_secret.clone();
@@ -182,7 +182,7 @@ async fn serve_gateway(
     } else {
         config.cluster.gateway_id.clone()
     };
-    let app = Arc::new(App::build_distributed(config.clone(), redis.clone(), id.clone()).await?);
+    let app = Arc::new(App::build_distributed(config.clone(), redis.clone(), id.clone(), true).await?);
     let stop = CancellationToken::new();
     let http = reqwest::Client::new();
     let registry = config.cluster.registry_url.trim_end_matches('/').to_string();

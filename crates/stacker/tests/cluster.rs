@@ -281,6 +281,27 @@ async fn end_to_end(kind: DbKind) {
     let mut late = offline.connect_gateway(&ws_url, "d").await.unwrap();
     assert!(in_order(&collect(&mut late, room, 40).await, 1));
 
+    // A WebSocket send is stored by the gateway that took it, which hands the
+    // pushes for its own connections (the sender's included) over in place and
+    // puts the rest on the other gateway's stream: everyone gets it.
+    let local_entries = |metrics: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("stacker_local_entries_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let took_it = sockets[0].hello.gateway_id.clone();
+    let took_it = c.procs.iter().find(|p| format!("gw-{}", p.port) == took_it).expect("the sender's gateway").url();
+    let before = local_entries(&reqwest::get(format!("{took_it}/metrics")).await.unwrap().text().await.unwrap());
+    sockets[0].send_message(room, Content::text("over the socket"), Some("ws-1")).await.unwrap();
+    for socket in sockets.iter_mut() {
+        assert_eq!(collect(socket, room, 1).await, vec![41]);
+    }
+    assert_eq!(collect(&mut late, room, 1).await, vec![41]);
+    let after = local_entries(&reqwest::get(format!("{took_it}/metrics")).await.unwrap().text().await.unwrap());
+    assert!(after > before, "the gateway handed its own entries over ({before} → {after})");
+
     // A stale route still delivers: prime a send instance's route cache, move
     // the user to the other gateway, and send at once.
     let mover = &users[4];

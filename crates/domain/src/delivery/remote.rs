@@ -2,6 +2,9 @@
 //! publish pushes to the streams of the gateways holding the recipients
 //! ([`BusFanout`]); each gateway relays its stream to its own connections
 //! ([`relay`]); the flusher re-routes what dead gateways left ([`reclaim_dead`]).
+//! A gateway that stores messages itself (WebSocket `send` frames) hands the
+//! pushes for its own connections over directly ([`LocalGateway`]), as its
+//! relay would, without the round trip through its stream.
 //!
 //! Live pushes are a fast path only: whatever a device misses (a stale route,
 //! a dead gateway) it reads from the store after its cursor, as in standalone.
@@ -30,6 +33,17 @@ pub struct BusFanout {
     /// user → gateways, for a short while (a miss costs one Redis round trip per batch).
     routes: Cache<UserId, Arc<[String]>>,
     batch_size: usize,
+    /// Set on a gateway: its own entries skip the stream.
+    local: Option<LocalGateway>,
+}
+
+/// The gateway a [`BusFanout`] runs in, when it runs in one: entries routed to
+/// it are handed to its connections in place, as [`relay`] would hand them
+/// over after reading them back from its stream.
+pub struct LocalGateway {
+    pub id: String,
+    pub hub: Arc<Hub>,
+    pub enqueue_timeout: Duration,
 }
 
 impl BusFanout {
@@ -39,9 +53,10 @@ impl BusFanout {
         members: Arc<MemberCache>,
         route_cache_ttl: Duration,
         batch_size: usize,
+        local: Option<LocalGateway>,
     ) -> Self {
         let routes = Cache::builder().max_capacity(1_000_000).time_to_live(route_cache_ttl).build();
-        Self { registry, bus, members, routes, batch_size: batch_size.max(1) }
+        Self { registry, bus, members, routes, batch_size: batch_size.max(1), local }
     }
 
     /// Gateways of each user, through the local cache.
@@ -83,12 +98,25 @@ impl BusFanout {
         }
     }
 
-    /// Appends `entries` to their streams, in order, in one round trip.
-    async fn send(&self, entries: &[(String, BusEntry)]) {
+    /// Hands this gateway's own entries to its connections, then appends the
+    /// rest to their streams, in order, in one round trip.
+    async fn send(&self, mut entries: Vec<(String, BusEntry)>) {
+        if let Some(local) = &self.local {
+            let mut handed = 0;
+            for (_, entry) in entries.iter().filter(|(gateway, _)| *gateway == local.id) {
+                let absent = hand_off(&local.hub, entry, local.enqueue_timeout).await;
+                push_back(&*self.registry, &*self.bus, &local.id, entry, absent).await;
+                handed += 1;
+            }
+            if handed > 0 {
+                entries.retain(|(gateway, _)| *gateway != local.id);
+                crate::hot_metric!(counter, "stacker_local_entries_total").increment(handed);
+            }
+        }
         if entries.is_empty() {
             return;
         }
-        if let Err(e) = self.bus.publish_many(entries).await {
+        if let Err(e) = self.bus.publish_many(&entries).await {
             tracing::warn!(error = %e, entries = entries.len(), "publish failed; recipients catch up from the store");
             metrics::counter!("stacker_dispatch_failures_total").increment(1);
         }
@@ -97,7 +125,7 @@ impl BusFanout {
     async fn publish(&self, users: &[UserId], push: BusPush) {
         let mut out = Vec::new();
         self.entries(users, push, &mut out).await;
-        self.send(&out).await;
+        self.send(out).await;
     }
 
     /// The ack for the sender and, if `push`, the message for the room's members.
@@ -137,7 +165,7 @@ impl Fanout for BusFanout {
     async fn message_stored(&self, message: &Message, push: bool) {
         let mut out = Vec::new();
         self.message_entries(message, push, &mut out).await;
-        self.send(&out).await;
+        self.send(out).await;
     }
 
     /// A whole committed batch in one pipelined round trip to Redis (entries
@@ -147,7 +175,7 @@ impl Fanout for BusFanout {
         for outcome in outcomes {
             self.message_entries(outcome.message(), matches!(outcome, Appended::Stored(_)), &mut out).await;
         }
-        self.send(&out).await;
+        self.send(out).await;
     }
 
     async fn membership_changed(&self, room: RoomId, removed: Option<UserId>) {
