@@ -244,8 +244,16 @@ pub async fn relay(
     stop: CancellationToken,
 ) {
     let mut failures = 0u32;
+    // Entries handed off and not yet acknowledged: their ack goes out while
+    // the next read waits (the two use different connections).
+    let mut handed: Vec<String> = Vec::new();
     while !stop.is_cancelled() {
-        let entries = match bus.consume(&gateway, &gateway, 256, Duration::from_millis(500)).await {
+        let (_, read) = tokio::join!(
+            ack(&*bus, &gateway, &handed),
+            bus.consume(&gateway, &gateway, 256, Duration::from_millis(500))
+        );
+        handed.clear();
+        let entries = match read {
             Ok(e) => {
                 failures = 0;
                 e
@@ -257,17 +265,24 @@ pub async fn relay(
                 continue;
             }
         };
-        let mut ids = Vec::with_capacity(entries.len());
+        crate::hot_metric!(counter, "stacker_stream_entries_total").increment(entries.len() as u64);
         for (id, entry) in entries {
             let absent = hand_off(&hub, &entry, enqueue_timeout).await;
             push_back(&*registry, &*bus, &gateway, &entry, absent).await;
-            ids.push(id);
+            handed.push(id);
         }
-        if let Err(e) = bus.ack(&gateway, &ids).await {
-            // Unacknowledged entries are redelivered or reclaimed; sessions drop duplicates.
-            tracing::warn!(error = %e, "stream ack failed");
-        }
-        crate::hot_metric!(counter, "stacker_stream_entries_total").increment(ids.len() as u64);
+    }
+    ack(&*bus, &gateway, &handed).await;
+}
+
+/// Acknowledges entries of `gateway`'s stream that were handed off.
+async fn ack(bus: &dyn Bus, gateway: &str, ids: &[String]) {
+    if ids.is_empty() {
+        return;
+    }
+    if let Err(e) = bus.ack(gateway, ids).await {
+        // Unacknowledged entries are redelivered or reclaimed; sessions drop duplicates.
+        tracing::warn!(error = %e, "stream ack failed");
     }
 }
 
