@@ -237,6 +237,7 @@ fn delivery_config(config: &Config) -> delivery::DeliveryConfig {
         session: SessionLimits {
             catch_up_page: d.catch_up_page,
             batch_bytes: d.batch_frame_bytes,
+            gap_wait: Duration::from_millis(d.gap_wait_ms),
             ..SessionLimits::default()
         },
         ack_flush_interval: Duration::from_millis(d.ack_flush_ms),

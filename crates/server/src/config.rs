@@ -120,6 +120,9 @@ pub struct DeliveryConfig {
     pub catch_up_page: u32,
     /// Most bytes in one `batch` frame (roughly; one message may exceed it alone).
     pub batch_frame_bytes: usize,
+    /// How long a connection holds a message that arrived ahead of a missing
+    /// one for it to arrive live, before reading the room from the store.
+    pub gap_wait_ms: u64,
 }
 
 impl Default for WsConfig {
@@ -147,6 +150,7 @@ impl Default for DeliveryConfig {
             ack_flush_ms: 500,
             catch_up_page: 200,
             batch_frame_bytes: 64 * 1024,
+            gap_wait_ms: 25,
         }
     }
 }

@@ -7,11 +7,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stacker_domain::delivery::{Delivery, DeliveryConfig, Frame, Push};
+use stacker_domain::delivery::{Delivery, DeliveryConfig, Frame, Push, Session};
 use stacker_domain::fanout::Fanout;
 use stacker_domain::membership::MemberCache;
-use stacker_domain::model::{Content, Message};
-use stacker_domain::store::Store;
+use stacker_domain::model::{Content, Message, NewMessage};
+use stacker_domain::store::{MessageStore, Store};
 use tokio::sync::mpsc::Receiver;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -136,4 +136,89 @@ async fn acks_keep_their_order_when_a_repeated_send_follows_a_new_one() {
     assert_eq!(next(&mut queue).await, ("chat", 2));
     assert_eq!(next(&mut queue).await, ("ack", 1));
     nothing_more(&mut queue).await;
+}
+
+/// Frames a session writes until `wait` passes with nothing new, as
+/// `("chat", seq)` or `("batch", seq)` for each message of a batch.
+async fn written(session: &mut Session, wait: Duration) -> Vec<(String, i64)> {
+    let mut seen = Vec::new();
+    loop {
+        // `next` returns at once while its buffer holds frames.
+        let mut frames = Vec::new();
+        match tokio::time::timeout(wait, session.next(&mut frames)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(close)) => panic!("the session closed: {close:?}"),
+            Err(_) => return seen,
+        }
+        for frame in frames {
+            let json: serde_json::Value = serde_json::from_slice(frame.bytes()).expect("a JSON frame");
+            match json["type"].as_str() {
+                Some("chat") => seen.push(("chat".into(), json["seq"].as_i64().expect("a seq"))),
+                Some("batch") => seen.extend(
+                    json["messages"]
+                        .as_array()
+                        .expect("messages")
+                        .iter()
+                        .map(|m| ("batch".into(), m["seq"].as_i64().unwrap())),
+                ),
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+}
+
+/// Pushes of one room can cross on their way (in a cluster, different
+/// processes store them). A message that arrives ahead of a missing one is
+/// held for `gap_wait`: when the missing one arrives live, both are written in
+/// order without reading the store; when it does not, the room is read from
+/// the store once the wait is over. With no wait, the store is read at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_ahead_of_a_missing_one_waits_for_it_then_for_the_store() {
+    for gap_wait in [Duration::from_millis(300), Duration::ZERO] {
+        let mut config = DeliveryConfig::default();
+        config.session.gap_wait = gap_wait;
+        let (db, users, room, delivery) = room_of("gap-wait", 2, config).await;
+        let (sender, reader) = (users[0], users[1]);
+        let (handle, mut session) = delivery.connect(reader, "phone").await.expect("connect");
+        let stored = |seq: i64| NewMessage {
+            id: common::next_id(),
+            room_id: room,
+            sender_id: sender,
+            client_msg_id: Some(format!("g{seq}")),
+            content: Content::text(format!("m{seq}")).into(),
+            created_at: 1_700_000_000_000,
+        };
+        db.store.append(&(1..=5).map(stored).collect::<Vec<_>>()).await.expect("stored");
+        let live = |seq: i64| Push::message(room, seq, Frame::from_string(format!(r#"{{"type":"chat","seq":{seq}}}"#)));
+        let quiet = Duration::from_millis(150);
+
+        handle.offer(live(2), WAIT).await;
+        handle.offer(live(3), WAIT).await;
+        if gap_wait.is_zero() {
+            let got = written(&mut session, quiet).await;
+            assert_eq!(
+                got,
+                (1..=5).map(|s| ("batch".to_string(), s)).collect::<Vec<_>>(),
+                "read from the store at once"
+            );
+            delivery.disconnect(&handle);
+            continue;
+        }
+        assert_eq!(written(&mut session, Duration::from_millis(50)).await, [], "2 and 3 wait for 1");
+        handle.offer(live(1), WAIT).await;
+        let in_order: Vec<(String, i64)> = (1..=3).map(|s| ("chat".to_string(), s)).collect();
+        assert_eq!(written(&mut session, quiet).await, in_order, "1 arrived: all three live, in order");
+
+        // 4 never arrives live: once the wait is over, the store has 4 and 5.
+        let started = std::time::Instant::now();
+        handle.offer(live(5), WAIT).await;
+        let got = written(&mut session, gap_wait + quiet).await;
+        assert_eq!(got, [("batch".to_string(), 4), ("batch".to_string(), 5)]);
+        assert!(started.elapsed() >= gap_wait, "read from the store only after the wait");
+        // 4 and 5 late, live: already written.
+        handle.offer(live(4), WAIT).await;
+        handle.offer(live(5), WAIT).await;
+        assert_eq!(written(&mut session, quiet).await, []);
+        delivery.disconnect(&handle);
+    }
 }

@@ -1,10 +1,12 @@
 //! One connection's delivery state: per-room cursors, catch-up from the store,
 //! and the order in which frames are written.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::{Chat, ConnHandle, Frame, Push};
 use crate::model::{HistoryPage, RoomId, UserId};
@@ -23,12 +25,33 @@ pub struct SessionLimits {
     pub batch_bytes: usize,
     /// Queued pushes turned into frames per write.
     pub write_burst: usize,
+    /// How long a message that arrived ahead of its room's cursor is held for
+    /// the ones before it to arrive live, before the room catches up from the
+    /// store. Pushes of one room from different processes (a cluster) can
+    /// arrive out of order; zero goes to the store at once.
+    pub gap_wait: Duration,
+    /// Most messages held that way per connection.
+    pub max_held: usize,
 }
 
 impl Default for SessionLimits {
     fn default() -> Self {
-        Self { catch_up_page: 200, batch_messages: 100, batch_bytes: 64 * 1024, write_burst: 64 }
+        Self {
+            catch_up_page: 200,
+            batch_messages: 100,
+            batch_bytes: 64 * 1024,
+            write_burst: 64,
+            gap_wait: Duration::from_millis(25),
+            max_held: 256,
+        }
     }
+}
+
+/// Messages of one room that arrived ahead of its cursor, by seq.
+struct Held {
+    /// When the room goes to the store if the gap is still open.
+    until: Instant,
+    frames: BTreeMap<i64, Frame>,
 }
 
 /// Why a session ends.
@@ -47,6 +70,10 @@ pub struct Session {
     cursors: HashMap<RoomId, i64>,
     /// Rooms with messages to read from the store.
     catch_up: BTreeSet<RoomId>,
+    /// Rooms waiting (briefly) for a missing message; see `gap_wait`.
+    held: HashMap<RoomId, Held>,
+    /// Messages in `held`.
+    held_count: usize,
 }
 
 impl Session {
@@ -70,7 +97,16 @@ impl Session {
             }
             cursors.insert(room.room_id, cursor);
         }
-        Ok(Session { store, handle: handle.clone(), rx, limits, cursors, catch_up })
+        Ok(Session {
+            store,
+            handle: handle.clone(),
+            rx,
+            limits,
+            cursors,
+            catch_up,
+            held: HashMap::new(),
+            held_count: 0,
+        })
     }
 
     pub fn user_id(&self) -> UserId {
@@ -128,7 +164,18 @@ impl Session {
             if got_push {
                 continue;
             }
-            match self.rx.recv().await {
+            let next_deadline = self.held.values().map(|h| h.until).min();
+            let push = match next_deadline {
+                None => self.rx.recv().await,
+                Some(deadline) => tokio::select! {
+                    push = self.rx.recv() => push,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        self.give_up_waiting(Instant::now());
+                        continue;
+                    }
+                },
+            };
+            match push {
                 Some(push) => self.apply(push, out).await?,
                 None => return Err(Close { code: 1001, reason: "connection replaced".into() }),
             }
@@ -153,16 +200,17 @@ impl Session {
                         None => return Ok(()), // not a member (any more)
                     },
                 };
-                if seq == cursor + 1 && !self.catch_up.contains(&room) {
+                if self.catch_up.contains(&room) || seq <= cursor {
+                    // A replay in progress reads it from the store; or already written.
+                } else if seq == cursor + 1 {
                     out.push(frame.clone());
                     self.cursors.insert(room, seq);
-                } else if seq > cursor {
-                    // A gap (or a replay in progress): the store has everything up to seq.
-                    if self.catch_up.insert(room) {
-                        metrics::counter!("stacker_catch_ups_total", "why" => "gap").increment(1);
-                    }
+                    self.release_held(room, seq, out);
+                } else {
+                    // A gap: the message(s) before it may still be on their way
+                    // (another process stored them); the store has them all.
+                    self.hold(room, seq, frame);
                 }
-                // seq <= cursor: already written.
             }
             Push::Frame(frame) => out.push(frame),
             Push::Sync(rooms) => {
@@ -181,14 +229,76 @@ impl Session {
             Push::Left(room) => {
                 self.cursors.remove(&room);
                 self.catch_up.remove(&room);
+                self.drop_held(room);
             }
             Push::Close(close) => return Err(*close),
         }
         Ok(())
     }
 
+    /// Holds `frame` (seq `seq` of `room`, past a gap) for the messages before
+    /// it, or sends the room to the store when waiting is off or full.
+    fn hold(&mut self, room: RoomId, seq: i64, frame: &Frame) {
+        if self.limits.gap_wait.is_zero() || self.held_count >= self.limits.max_held {
+            self.catch_up_gap(room);
+            return;
+        }
+        let until = Instant::now() + self.limits.gap_wait;
+        let held = self.held.entry(room).or_insert_with(|| Held { until, frames: BTreeMap::new() });
+        if held.frames.insert(seq, frame.clone()).is_none() {
+            self.held_count += 1;
+        }
+    }
+
+    /// After `room`'s cursor moved to `seq`: writes the held messages that
+    /// now follow on; the room waits on if a gap is left.
+    fn release_held(&mut self, room: RoomId, mut seq: i64, out: &mut Vec<Frame>) {
+        let Some(held) = self.held.get_mut(&room) else { return };
+        while let Some(entry) = held.frames.first_entry() {
+            if *entry.key() > seq + 1 {
+                break;
+            }
+            let (next, frame) = entry.remove_entry();
+            self.held_count -= 1;
+            if next == seq + 1 {
+                out.push(frame);
+                seq = next;
+                crate::hot_metric!(counter, "stacker_held_messages_written_total").increment(1);
+            }
+        }
+        self.cursors.insert(room, seq);
+        if held.frames.is_empty() {
+            self.held.remove(&room);
+        }
+    }
+
+    /// Rooms whose wait is over by `now` go to the store.
+    fn give_up_waiting(&mut self, now: Instant) {
+        let expired: Vec<RoomId> = self.held.iter().filter(|(_, h)| h.until <= now).map(|(r, _)| *r).collect();
+        for room in expired {
+            self.catch_up_gap(room);
+        }
+    }
+
+    /// `room` has a gap: read what follows its cursor from the store (which
+    /// has everything up to the newest push, held ones included).
+    fn catch_up_gap(&mut self, room: RoomId) {
+        self.drop_held(room);
+        if self.catch_up.insert(room) {
+            metrics::counter!("stacker_catch_ups_total", "why" => "gap").increment(1);
+        }
+    }
+
+    fn drop_held(&mut self, room: RoomId) {
+        if let Some(held) = self.held.remove(&room) {
+            self.held_count -= held.frames.len();
+        }
+    }
+
     /// Reads the next page of `room` after its cursor into `batch` frames.
     async fn catch_up_step(&mut self, room: RoomId, out: &mut Vec<Frame>) -> Result<()> {
+        // The store has whatever was held for this room.
+        self.drop_held(room);
         let Some(&cursor) = self.cursors.get(&room) else {
             self.catch_up.remove(&room);
             return Ok(());
