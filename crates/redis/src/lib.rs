@@ -235,18 +235,32 @@ impl Registry for RedisCluster {
                 }
             }
         }
-        let Some(pick) = self.live_gateways().await?.into_iter().find(GatewayInfo::has_room) else { return Ok(None) };
-        // Count the placement in the ranking until the gateway's next heartbeat
-        // reports its real load; otherwise every client asking between two
-        // heartbeats would be sent to the same gateway.
+        // The least-loaded live gateway with room, and the placement counted in
+        // the ranking until that gateway's next heartbeat reports its real load
+        // (otherwise every client asking between two heartbeats would be sent
+        // to the same gateway). One script, so that concurrent requests (a
+        // reconnect storm) see each other's placements.
+        let script = Script::new(
+            r"
+            for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+              local raw = redis.call('GET', ARGV[1] .. id)
+              if not raw then
+                redis.call('ZREM', KEYS[1], id)
+              else
+                local info = cjson.decode(raw)
+                if info.connections < info.capacity then
+                  redis.call('ZINCRBY', KEYS[1], 1 / math.max(info.capacity, 1), id)
+                  return raw
+                end
+              end
+            end
+            return false",
+        );
         let mut conn = self.conn.clone();
-        let step = 1.0 / pick.capacity.max(1) as f64;
-        if let Err(e) =
-            observe("pick_gateway", conn.zincr::<_, _, _, f64>(self.key("gw:rank".to_string()), &pick.id, step)).await
-        {
-            tracing::warn!(gateway = %pick.id, error = %e, "cannot count the placement; the next heartbeat corrects the load");
-        }
-        Ok(Some(pick))
+        let mut invocation = script.prepare_invoke();
+        invocation.key(self.key("gw:rank".to_string())).arg(self.key("gw:".to_string()));
+        let picked: Option<Vec<u8>> = observe("pick_gateway", invocation.invoke_async(&mut conn)).await?;
+        picked.map(|raw| decode("gateway", &raw)).transpose()
     }
 
     async fn route_connected(&self, user: UserId, gateway: &str) -> Result<()> {

@@ -317,6 +317,35 @@ async fn placements_count_until_the_next_heartbeat() {
     c.delete_all_keys().await.unwrap();
 }
 
+/// Many clients asking at once (a reconnect storm) are spread evenly, not
+/// all sent to the gateway that looked least loaded when they asked; a
+/// gateway that is full or dead gets nobody.
+#[tokio::test]
+async fn concurrent_placements_are_spread_evenly() {
+    let Some(c) = cluster().await else { return };
+    c.heartbeat_gateway(&gw("x", 0, 1000), TTL).await.unwrap();
+    c.heartbeat_gateway(&gw("y", 0, 1000), TTL).await.unwrap();
+    c.heartbeat_gateway(&gw("full", 10, 10), TTL).await.unwrap();
+    c.heartbeat_gateway(&gw("dead", 0, 1000), Duration::from_millis(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let picks = (0..200).map(|_| {
+        let c = c.clone();
+        tokio::spawn(async move { c.pick_gateway(None).await.unwrap().unwrap().id })
+    });
+    let mut placed: std::collections::HashMap<String, usize> = Default::default();
+    for pick in picks.collect::<Vec<_>>() {
+        *placed.entry(pick.await.unwrap()).or_default() += 1;
+    }
+    assert_eq!(placed.len(), 2, "{placed:?}");
+    assert_eq!((placed["x"], placed["y"]), (100, 100), "{placed:?}");
+    assert_eq!(
+        c.live_gateways().await.unwrap().into_iter().map(|g| g.id).collect::<HashSet<_>>(),
+        ["x", "y", "full"].into_iter().map(String::from).collect::<HashSet<_>>(),
+        "the dead gateway left the ranking"
+    );
+    c.delete_all_keys().await.unwrap();
+}
+
 /// A pipelined batch lands on each gateway's stream in the order given.
 #[tokio::test]
 async fn publish_many_keeps_order_per_stream() {
