@@ -16,7 +16,7 @@ use stacker_domain::store::Store;
 use stacker_domain::Error;
 use stacker_redis::{RedisCluster, RedisOptions};
 use stacker_store_sql::{SqlOptions, SqlStore};
-use stacker_testkit::{fresh_database, service_url, DbKind, Service};
+use stacker_testkit::{fresh_database, service_url, DbKind, Service, TestDb};
 
 async fn cluster() -> Option<RedisCluster> {
     let url = service_url(Service::Redis)?;
@@ -240,15 +240,11 @@ async fn member_lists_fill_only_under_their_version() {
     c.delete_all_keys().await.unwrap();
 }
 
-/// Two processes' member caches over one SQL store and one Redis: the Redis
-/// tier serves lists in front of SQL, and a change made by one process is seen
-/// by the other once its short local copy expires.
-#[tokio::test]
-async fn member_cache_reads_through_redis_and_sees_other_processes_changes() {
-    let Some(c) = cluster().await else { return };
+/// A fresh SQLite store with users 1..=`users` and group room 100 of `members`.
+async fn store_with_room_100(users: i64, members: &[Member]) -> (TestDb, Arc<dyn Store>) {
     let db = fresh_database(DbKind::Sqlite).await.expect("sqlite");
     let store: Arc<dyn Store> = Arc::new(SqlStore::connect(&db.url, SqlOptions::default()).await.expect("store"));
-    for id in [1, 2, 3] {
+    for id in 1..=users {
         let user =
             User { id, username: format!("u{id}"), nickname: String::new(), password_hash: "x".into(), created_at: 0 };
         store.insert_user(&user).await.unwrap();
@@ -263,10 +259,18 @@ async fn member_cache_reads_through_redis_and_sees_other_processes_changes() {
         last_seq: 0,
         created_at: 0,
     };
-    store
-        .insert_room(&room, &[Member::new(100, 1, Role::Owner, 0), Member::new(100, 2, Role::Member, 0)])
-        .await
-        .unwrap();
+    store.insert_room(&room, members).await.unwrap();
+    (db, store)
+}
+
+/// Two processes' member caches over one SQL store and one Redis: the Redis
+/// tier serves lists in front of SQL, and a change made by one process is seen
+/// by the other once its short local copy expires.
+#[tokio::test]
+async fn member_cache_reads_through_redis_and_sees_other_processes_changes() {
+    let Some(c) = cluster().await else { return };
+    let (db, store) =
+        store_with_room_100(3, &[Member::new(100, 1, Role::Owner, 0), Member::new(100, 2, Role::Member, 0)]).await;
 
     let shared: Arc<dyn SharedMemberCache> = Arc::new(c.clone());
     let local_ttl = Duration::from_millis(200);
@@ -391,25 +395,8 @@ async fn frames_within(session: &mut Session, wait: Duration) -> Vec<serde_json:
 #[tokio::test]
 async fn a_gateway_hands_its_own_pushes_over_without_its_stream() {
     let Some(c) = cluster().await else { return };
-    let db = fresh_database(DbKind::Sqlite).await.expect("sqlite");
-    let store: Arc<dyn Store> = Arc::new(SqlStore::connect(&db.url, SqlOptions::default()).await.expect("store"));
-    for id in 1..=4 {
-        let user =
-            User { id, username: format!("u{id}"), nickname: String::new(), password_hash: "x".into(), created_at: 0 };
-        store.insert_user(&user).await.unwrap();
-    }
-    let room = Room {
-        id: 100,
-        name: "r".into(),
-        is_group: true,
-        join_policy: JoinPolicy::Open,
-        owner_id: 1,
-        direct_key: None,
-        last_seq: 0,
-        created_at: 0,
-    };
     let members: Vec<Member> = (1..=4).map(|u| Member::new(100, u, Role::Member, 0)).collect();
-    store.insert_room(&room, &members).await.unwrap();
+    let (db, store) = store_with_room_100(4, &members).await;
     // 1 and 2 are connected here (gw-a), 3 on gw-b, 4 on gw-c.
     for (user, gateway) in [(1, "gw-a"), (2, "gw-a"), (3, "gw-b"), (4, "gw-c")] {
         c.route_connected(user, gateway).await.unwrap();
