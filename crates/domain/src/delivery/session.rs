@@ -74,6 +74,9 @@ pub struct Session {
     held: HashMap<RoomId, Held>,
     /// Messages in `held`.
     held_count: usize,
+    /// A push taken from the queue whose handling had to wait (on the store)
+    /// when the caller stopped polling; handled first on the next call.
+    interrupted: Option<Push>,
 }
 
 impl Session {
@@ -106,6 +109,7 @@ impl Session {
             catch_up,
             held: HashMap::new(),
             held_count: 0,
+            interrupted: None,
         })
     }
 
@@ -124,10 +128,18 @@ impl Session {
 
     /// Waits for the next frames to write, in order, and appends them to `out`.
     /// `Err(close)` when the connection must close. Cancel-safe: state changes
-    /// only after each await completes.
+    /// only after each await completes, and a push whose handling was cut
+    /// short is handled again on the next call (handling is idempotent).
     pub async fn next(&mut self, out: &mut Vec<Frame>) -> std::result::Result<(), Close> {
         crate::hot_metric!(histogram, "stacker_connection_queue_depth").record(self.rx.len() as f64);
+        if let Some(push) = self.interrupted.take() {
+            self.apply(push, out).await?;
+        }
         loop {
+            // A busy queue must not keep a held room waiting past its time.
+            if !self.held.is_empty() {
+                self.give_up_waiting(Instant::now());
+            }
             if self.handle.is_doomed() {
                 metrics::counter!("stacker_slow_consumer_disconnects_total").increment(1);
                 return Err(Close { code: 1008, reason: "too slow: reconnect to catch up".into() });
@@ -185,7 +197,23 @@ impl Session {
         }
     }
 
+    /// Handles one push, keeping it in `interrupted` while that waits.
     async fn apply(&mut self, push: Push, out: &mut Vec<Frame>) -> std::result::Result<(), Close> {
+        let may_wait = match &push {
+            Push::Message(chat) => !self.cursors.contains_key(&chat.room),
+            Push::Sync(_) | Push::Recheck => true,
+            Push::Frame(_) | Push::Left(_) | Push::Close(_) => false,
+        };
+        if !may_wait {
+            return self.apply_now(push, out).await;
+        }
+        self.interrupted = Some(push.clone());
+        let result = self.apply_now(push, out).await;
+        self.interrupted = None;
+        result
+    }
+
+    async fn apply_now(&mut self, push: Push, out: &mut Vec<Frame>) -> std::result::Result<(), Close> {
         match push {
             Push::Message(chat) => {
                 let Chat { room, seq, ref frame } = *chat;
