@@ -464,6 +464,8 @@ async fn a_gateway_hands_its_own_pushes_over_without_its_stream() {
     c.route_connected(3, "gw-a").await.unwrap();
     gateway.forget_routes(&[3]).await;
     gateway.batch_stored(&store_one(1001).await).await;
+    // The gateway's hand-off task runs on its own; let it finish with 1001.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     c.route_disconnected(3, "gw-a", Duration::ZERO).await.unwrap();
     c.route_connected(3, "gw-b").await.unwrap();
     gateway.batch_stored(&store_one(1002).await).await;

@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use moka::future::Cache;
 use stacker_proto::http::ChatMessage;
 use stacker_proto::ws::{Event, ServerFrame};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Frame, Hub, MemberCache, Push};
@@ -34,12 +35,23 @@ pub struct BusFanout {
     routes: Cache<UserId, Arc<[String]>>,
     batch_size: usize,
     /// Set on a gateway: its own entries skip the stream.
-    local: Option<LocalGateway>,
+    local: Option<LocalQueue>,
 }
 
+/// Entries for the gateway's own connections, on their way to its hand-off
+/// task: a connection that is slow to take its push holds up that task, not
+/// the committed batches behind it.
+struct LocalQueue {
+    id: String,
+    entries: mpsc::Sender<BusEntry>,
+}
+
+/// Entries waiting for the local hand-off; past it the fan-out waits.
+const LOCAL_QUEUE: usize = 4096;
+
 /// The gateway a [`BusFanout`] runs in, when it runs in one: entries routed to
-/// it are handed to its connections in place, as [`relay`] would hand them
-/// over after reading them back from its stream.
+/// it are handed to its connections by a task of its own, as [`relay`] would
+/// hand them over after reading them back from its stream.
 pub struct LocalGateway {
     pub id: String,
     pub hub: Arc<Hub>,
@@ -56,6 +68,12 @@ impl BusFanout {
         local: Option<LocalGateway>,
     ) -> Self {
         let routes = Cache::builder().max_capacity(1_000_000).time_to_live(route_cache_ttl).build();
+        let local = local.map(|gateway| {
+            let (entries, queue) = mpsc::channel(LOCAL_QUEUE);
+            let id = gateway.id.clone();
+            tokio::spawn(hand_off_locally(registry.clone(), bus.clone(), gateway, queue));
+            LocalQueue { id, entries }
+        });
         Self { registry, bus, members, routes, batch_size: batch_size.max(1), local }
     }
 
@@ -98,19 +116,21 @@ impl BusFanout {
         }
     }
 
-    /// Hands this gateway's own entries to its connections, then appends the
-    /// rest to their streams, in order, in one round trip.
+    /// Queues this gateway's own entries for its connections, then appends
+    /// the rest to their streams, in order, in one round trip.
     async fn send(&self, mut entries: Vec<(String, BusEntry)>) {
         if let Some(local) = &self.local {
-            let mut handed = 0;
-            for (_, entry) in entries.iter().filter(|(gateway, _)| *gateway == local.id) {
-                let absent = hand_off(&local.hub, entry, local.enqueue_timeout).await;
-                push_back(&*self.registry, &*self.bus, &local.id, entry, absent).await;
-                handed += 1;
-            }
-            if handed > 0 {
-                entries.retain(|(gateway, _)| *gateway != local.id);
-                crate::hot_metric!(counter, "stacker_local_entries_total").increment(handed);
+            if entries.iter().any(|(gateway, _)| *gateway == local.id) {
+                let (own, others): (Vec<_>, Vec<_>) =
+                    entries.into_iter().partition(|(gateway, _)| *gateway == local.id);
+                entries = others;
+                crate::hot_metric!(counter, "stacker_local_entries_total").increment(own.len() as u64);
+                for (_, entry) in own {
+                    if local.entries.send(entry).await.is_err() {
+                        tracing::warn!("the local hand-off stopped; recipients catch up from the store");
+                        break;
+                    }
+                }
             }
         }
         if entries.is_empty() {
@@ -208,6 +228,20 @@ async fn hand_off(hub: &Hub, entry: &BusEntry, enqueue_timeout: Duration) -> Vec
         }
     }
     absent
+}
+
+/// A gateway's own entries, handed to its connections in order as its relay
+/// hands over what it reads from its stream.
+async fn hand_off_locally(
+    registry: Arc<dyn Registry>,
+    bus: Arc<dyn Bus>,
+    gateway: LocalGateway,
+    mut entries: mpsc::Receiver<BusEntry>,
+) {
+    while let Some(entry) = entries.recv().await {
+        let absent = hand_off(&gateway.hub, &entry, gateway.enqueue_timeout).await;
+        push_back(&*registry, &*bus, &gateway.id, &entry, absent).await;
+    }
 }
 
 /// Sends an entry's absent users on to the gateways they are on now (once:
