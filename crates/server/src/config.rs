@@ -102,6 +102,9 @@ pub struct WsConfig {
     pub connection_queue: usize,
 }
 
+/// A held message waits at most this long for the one before it (ms).
+const MAX_GAP_WAIT_MS: u64 = 10_000;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeliveryConfig {
@@ -349,6 +352,9 @@ impl Config {
         if self.delivery.batch_size == 0 || self.delivery.worker_queue == 0 || self.delivery.catch_up_page == 0 {
             return fail("delivery", "batch_size, worker_queue and catch_up_page must be positive");
         }
+        if self.delivery.gap_wait_ms > MAX_GAP_WAIT_MS {
+            return fail("delivery.gap_wait_ms", &format!("must be at most {MAX_GAP_WAIT_MS}"));
+        }
         let url = &self.database.url;
         if !url.is_empty()
             && !["sqlite:", "mysql:", "mariadb:", "postgres:", "postgresql:"].iter().any(|p| url.starts_with(p))
@@ -429,6 +435,8 @@ mod tests {
         assert!(err.contains("sever"), "{err}");
         let err = load_yaml("node_id: 4000\n").unwrap_err().to_string();
         assert!(err.contains("node_id"), "{err}");
+        let err = load_yaml("delivery:\n  gap_wait_ms: 18446744073709551615\n").unwrap_err().to_string();
+        assert!(err.contains("delivery.gap_wait_ms"), "{err}");
         let err = load_yaml("mode: production\n").unwrap_err().to_string();
         assert!(err.contains("auth.jwt_secret"), "{err}");
         assert!(Config::load(Some(Path::new("/nonexistent/stacker.yaml"))).is_err());
