@@ -72,8 +72,6 @@ pub struct Session {
     catch_up: BTreeSet<RoomId>,
     /// Rooms waiting (briefly) for a missing message; see `gap_wait`.
     held: HashMap<RoomId, Held>,
-    /// Messages in `held`.
-    held_count: usize,
     /// A push taken from the queue whose handling had to wait (on the store)
     /// when the caller stopped polling; handled first on the next call.
     interrupted: Option<Push>,
@@ -108,7 +106,6 @@ impl Session {
             cursors,
             catch_up,
             held: HashMap::new(),
-            held_count: 0,
             interrupted: None,
         })
     }
@@ -181,10 +178,8 @@ impl Session {
                 None => self.rx.recv().await,
                 Some(deadline) => tokio::select! {
                     push = self.rx.recv() => push,
-                    _ = tokio::time::sleep_until(deadline) => {
-                        self.give_up_waiting(Instant::now());
-                        continue;
-                    }
+                    // The top of the loop sends the room to the store.
+                    _ = tokio::time::sleep_until(deadline) => continue,
                 },
             };
             match push {
@@ -257,7 +252,7 @@ impl Session {
             Push::Left(room) => {
                 self.cursors.remove(&room);
                 self.catch_up.remove(&room);
-                self.drop_held(room);
+                self.held.remove(&room);
             }
             Push::Close(close) => return Err(*close),
         }
@@ -267,15 +262,15 @@ impl Session {
     /// Holds `frame` (seq `seq` of `room`, past a gap) for the messages before
     /// it, or sends the room to the store when waiting is off or full.
     fn hold(&mut self, room: RoomId, seq: i64, frame: &Frame) {
-        if self.limits.gap_wait.is_zero() || self.held_count >= self.limits.max_held {
+        // Counted only here, on a gap: a few rooms hold a few messages each.
+        let held_now: usize = self.held.values().map(|h| h.frames.len()).sum();
+        if self.limits.gap_wait.is_zero() || held_now >= self.limits.max_held {
             self.catch_up_gap(room);
             return;
         }
         let until = Instant::now() + self.limits.gap_wait;
         let held = self.held.entry(room).or_insert_with(|| Held { until, frames: BTreeMap::new() });
-        if held.frames.insert(seq, frame.clone()).is_none() {
-            self.held_count += 1;
-        }
+        held.frames.insert(seq, frame.clone());
     }
 
     /// After `room`'s cursor moved to `seq`: writes the held messages that
@@ -287,7 +282,6 @@ impl Session {
                 break;
             }
             let (next, frame) = entry.remove_entry();
-            self.held_count -= 1;
             if next == seq + 1 {
                 out.push(frame);
                 seq = next;
@@ -311,22 +305,16 @@ impl Session {
     /// `room` has a gap: read what follows its cursor from the store (which
     /// has everything up to the newest push, held ones included).
     fn catch_up_gap(&mut self, room: RoomId) {
-        self.drop_held(room);
+        self.held.remove(&room);
         if self.catch_up.insert(room) {
             metrics::counter!("stacker_catch_ups_total", "why" => "gap").increment(1);
-        }
-    }
-
-    fn drop_held(&mut self, room: RoomId) {
-        if let Some(held) = self.held.remove(&room) {
-            self.held_count -= held.frames.len();
         }
     }
 
     /// Reads the next page of `room` after its cursor into `batch` frames.
     async fn catch_up_step(&mut self, room: RoomId, out: &mut Vec<Frame>) -> Result<()> {
         // The store has whatever was held for this room.
-        self.drop_held(room);
+        self.held.remove(&room);
         let Some(&cursor) = self.cursors.get(&room) else {
             self.catch_up.remove(&room);
             return Ok(());
