@@ -239,9 +239,23 @@ async fn hand_off_locally(
     mut entries: mpsc::Receiver<BusEntry>,
 ) {
     while let Some(entry) = entries.recv().await {
-        let absent = hand_off(&gateway.hub, &entry, gateway.enqueue_timeout).await;
-        push_back(&*registry, &*bus, &gateway.id, &entry, absent).await;
+        deliver_here(&*registry, &*bus, &gateway.hub, &gateway.id, &entry, gateway.enqueue_timeout).await;
     }
+}
+
+/// What a gateway does with an entry for it, from its stream or its own
+/// fan-out: hands it to the local connections, then pushes it on for the
+/// users who are not connected here.
+async fn deliver_here(
+    registry: &dyn Registry,
+    bus: &dyn Bus,
+    hub: &Hub,
+    here: &str,
+    entry: &BusEntry,
+    enqueue_timeout: Duration,
+) {
+    let absent = hand_off(hub, entry, enqueue_timeout).await;
+    push_back(registry, bus, here, entry, absent).await;
 }
 
 /// Sends an entry's absent users on to the gateways they are on now (once:
@@ -301,8 +315,7 @@ pub async fn relay(
         };
         crate::hot_metric!(counter, "stacker_stream_entries_total").increment(entries.len() as u64);
         for (id, entry) in entries {
-            let absent = hand_off(&hub, &entry, enqueue_timeout).await;
-            push_back(&*registry, &*bus, &gateway, &entry, absent).await;
+            deliver_here(&*registry, &*bus, &hub, &gateway, &entry, enqueue_timeout).await;
             handed.push(id);
         }
     }
