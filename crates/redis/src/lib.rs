@@ -23,6 +23,7 @@
 //! moved since, so a load racing a change never restores the old list.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -240,8 +241,11 @@ impl Registry for RedisCluster {
         // (otherwise every client asking between two heartbeats would be sent
         // to the same gateway). One script, so that concurrent requests (a
         // reconnect storm) see each other's placements.
-        let script = Script::new(
-            r"
+        // Like every script here, built (and hashed) once, and sent by hash
+        // (the source only when Redis lacks it).
+        static PICK_GATEWAY: LazyLock<Script> = LazyLock::new(|| {
+            Script::new(
+                r"
             for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
               local raw = redis.call('GET', ARGV[1] .. id)
               if not raw then
@@ -255,7 +259,9 @@ impl Registry for RedisCluster {
               end
             end
             return false",
-        );
+            )
+        });
+        let script = &*PICK_GATEWAY;
         let mut conn = self.conn.clone();
         let mut invocation = script.prepare_invoke();
         invocation.key(self.key("gw:rank".to_string())).arg(self.key("gw:".to_string()));
@@ -276,8 +282,9 @@ impl Registry for RedisCluster {
 
     async fn route_disconnected(&self, user: UserId, gateway: &str, lease: Duration) -> Result<()> {
         // One script, so a concurrent connect on the same gateway cannot be undone.
-        let script = Script::new(
-            r"
+        static ROUTE_DISCONNECTED: LazyLock<Script> = LazyLock::new(|| {
+            Script::new(
+                r"
             local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
             if n <= 0 then
               redis.call('HDEL', KEYS[1], ARGV[1])
@@ -285,7 +292,9 @@ impl Registry for RedisCluster {
               redis.call('PEXPIRE', KEYS[2], ARGV[3])
             end
             return n",
-        );
+            )
+        });
+        let script = &*ROUTE_DISCONNECTED;
         let until = now_ms() + lease.as_millis() as i64;
         let mut conn = self.conn.clone();
         let mut invocation = script.prepare_invoke();
@@ -349,8 +358,9 @@ impl Registry for RedisCluster {
     async fn lease_node_id(&self, instance: &str, ttl: Duration) -> Result<u16> {
         // Renew ours if we hold one; otherwise take the first free id from a
         // random start, all in one script so two instances never share an id.
-        let script = Script::new(
-            r"
+        static LEASE_NODE_ID: LazyLock<Script> = LazyLock::new(|| {
+            Script::new(
+                r"
             local prefix, instance, ttl, start = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
             for i = 0, 1023 do
               local n = (start + i) % 1024
@@ -368,7 +378,9 @@ impl Registry for RedisCluster {
               end
             end
             return -1",
-        );
+            )
+        });
+        let script = &*LEASE_NODE_ID;
         // A start fixed per instance: after Redis loses the leases (a restart) an
         // instance most likely gets its old id back.
         let start =
@@ -492,13 +504,16 @@ impl SharedMemberCache for RedisCluster {
     }
 
     async fn fill(&self, room: RoomId, version: u64, members: &RoomMembers) -> Result<bool> {
-        let script = Script::new(
-            r"
+        static FILL_MEMBERS: LazyLock<Script> = LazyLock::new(|| {
+            Script::new(
+                r"
             local current = tonumber(redis.call('GET', KEYS[1]) or '0')
             if current ~= tonumber(ARGV[1]) then return 0 end
             redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
             return 1",
-        );
+            )
+        });
+        let script = &*FILL_MEMBERS;
         let json = serde_json::to_vec(members).map_err(|e| Error::Internal(e.to_string()))?;
         let mut conn = self.conn.clone();
         let mut invocation = script.prepare_invoke();
