@@ -9,7 +9,7 @@ use anyhow::Context;
 use stacker_domain::accounts::Accounts;
 use stacker_domain::auth::Tokens;
 use stacker_domain::cluster::Registry;
-use stacker_domain::commit::{CommitConfig, GroupCommitter};
+use stacker_domain::commit::{CommitConfig, GroupCommitter, DEFAULT_SPREAD_AT};
 use stacker_domain::delivery::remote::{BusFanout, LocalGateway};
 use stacker_domain::delivery::{self, Delivery, SessionLimits};
 use stacker_domain::fanout::Fanout;
@@ -139,6 +139,10 @@ impl App {
             CommitConfig {
                 writers,
                 max_batch,
+                spread_at: match config.database.spread_at {
+                    0 => DEFAULT_SPREAD_AT,
+                    n => n,
+                },
                 queue: config.database.queue,
                 enqueue_timeout: config.enqueue_timeout(),
             },

@@ -55,8 +55,12 @@ pub struct DatabaseConfig {
     /// Messages group-committed in one transaction at most; 0 picks 2,048
     /// for SQLite and 512 for MySQL/PostgreSQL.
     pub max_batch: usize,
-    /// Concurrent writer tasks; 0 picks 1 for SQLite and 4 for MySQL/PostgreSQL.
+    /// Writer lanes, the most transactions at once; 0 picks 1 for SQLite and
+    /// 4 for MySQL/PostgreSQL.
     pub writers: usize,
+    /// Queued sends from which the lanes commit side by side; below it one
+    /// transaction at a time takes them all. 0 picks 256.
+    pub spread_at: usize,
     /// Sends waiting for a writer at most.
     pub queue: usize,
     /// How long a send waits for room in that queue before it gets 503.
@@ -258,7 +262,15 @@ impl Default for ServerConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { url: String::new(), max_connections: 16, max_batch: 0, writers: 0, queue: 8192, enqueue_timeout_ms: 200 }
+        Self {
+            url: String::new(),
+            max_connections: 16,
+            max_batch: 0,
+            writers: 0,
+            spread_at: 0,
+            queue: 8192,
+            enqueue_timeout_ms: 200,
+        }
     }
 }
 
