@@ -103,6 +103,7 @@ impl GroupCommitter {
             committed: committed_tx,
             max_batch: config.max_batch.max(1),
             spread_at: config.spread_at.max(1),
+            first_lane: 0,
         };
         let tasks = [
             tokio::spawn(dispatcher.run(queued.clone(), stop)),
@@ -182,6 +183,10 @@ struct Dispatcher {
     committed: mpsc::Sender<Committed>,
     max_batch: usize,
     spread_at: usize,
+    /// Where the next one-at-a-time transaction starts taking lanes, turn
+    /// by turn, so that no lane waits behind the others when `max_batch`
+    /// cuts a transaction short.
+    first_lane: usize,
 }
 
 impl Dispatcher {
@@ -233,7 +238,11 @@ impl Dispatcher {
                 self.start_transaction(&[lane]);
             }
         } else {
-            self.start_transaction(&free);
+            let mut lanes = free;
+            let turn = self.first_lane % lanes.len();
+            lanes.rotate_left(turn);
+            self.first_lane = self.first_lane.wrapping_add(1);
+            self.start_transaction(&lanes);
         }
     }
 
