@@ -202,16 +202,16 @@ impl Dispatcher {
                 _ = &mut stop, if !stopping => stopping = true,
                 Some(done) = self.running.join_next_with_id() => {
                     let (id, outcome) = match done {
-                        Ok((id, outcome)) => (id, outcome),
-                        // A panic dropped the batch's replies: its senders have
-                        // been told the writer stopped.
-                        Err(e) => (e.id(), Committed::Failed(self.running_lanes.get(&e.id()).map_or(0, |r| r.1))),
+                        Ok((id, outcome)) => (id, Some(outcome)),
+                        Err(e) => (e.id(), None),
                     };
-                    if let Some((lanes, _)) = self.running_lanes.remove(&id) {
-                        for lane in lanes {
-                            self.busy[lane] = false;
-                        }
+                    let (lanes, size) = self.running_lanes.remove(&id).unwrap_or_default();
+                    for lane in lanes {
+                        self.busy[lane] = false;
                     }
+                    // A panic dropped the batch's replies: its senders have
+                    // been told the writer stopped.
+                    let outcome = outcome.unwrap_or(Committed::Failed(size));
                     if self.committed.send(outcome).await.is_err() {
                         return;
                     }
