@@ -35,8 +35,8 @@ const ROOM_CHUNK: usize = 200;
 /// Most (room, sender) read cursors one statement moves (5 parameters each).
 const CURSOR_CHUNK: usize = 150;
 /// Most read cursors MySQL moves with a `CASE` rather than a join. Measured
-/// on MariaDB 10.11 (`SET profiling`, medians of 24): 2 cursors 0.10 ms
-/// against 0.22 ms joined, 5: 0.13 / 0.22, 15: 0.21 / 0.26, 30: 0.42 / 0.37.
+/// on MariaDB 10.11 (`SET profiling`, medians of 24): 2 cursors 0.08 ms
+/// against 0.15 ms joined, 8: 0.14 / 0.20, 20: 0.26 / 0.26, 30: 0.38 / 0.32.
 /// At a few thousand messages per second most batches are that small. Up to
 /// 20, a cluster's p99 at 13,000 msg/s was worse in four runs of four; up to
 /// 8 it was not (BENCHMARKS.md, the one-round-trip round).
@@ -182,7 +182,7 @@ async fn advance_read_cursors<W: WriteTx>(
             // cursors of 230 messages), all of it under the room locks.
             // STRAIGHT_JOIN: the cursors drive, so only their rows are read
             // (and locked), through the primary key. The derived table costs
-            // ~0.2 ms whatever its size, though, and for a few cursors the
+            // ~0.15 ms even for two rows, though, and for a few cursors the
             // CASE is cheaper (see `MYSQL_CASE_CURSORS`).
             Dialect::Mysql if chunk.len() > MYSQL_CASE_CURSORS => {
                 let cursor_rows = vec!["SELECT ? AS room_id, ? AS user_id, ? AS seq"; chunk.len()].join(" UNION ALL ");

@@ -16,9 +16,9 @@ for n in [int(x) for x in sys.argv[1:]]:
     for rep in range(12):
         qs=[]
         order=[]
-        for kind in ['union','case']*2:
+        for kind in (['union','case','case','union'] if rep%2 else ['case','union','union','case']):
             qs.append(stmt(kind,sorted(random.sample(allrooms,n)))); order.append(kind)
-        out=q("SET profiling=1;\nBEGIN;\n"+";\n".join(qs)+";\nROLLBACK;\nSHOW PROFILES;")
+        out=q("SET profiling=1;\nBEGIN;\nINSERT INTO warm VALUES (1);\n"+";\n".join(qs)+";\nROLLBACK;\nSHOW PROFILES;")
         lines=[l.split("\t") for l in out.stdout.split("\n") if l and l.split("\t")[0].isdigit() and len(l.split("\t"))==3]
         ups=[float(t)*1000 for _,t,qq in lines if qq.startswith("UPDATE")]
         for k,v in zip(order,ups): res[k].append(v)
