@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use stacker_domain::cluster::{Bus, BusEntry, BusPush, GatewayInfo, Registry};
 use stacker_domain::delivery::remote::{BusFanout, LocalGateway};
-use stacker_domain::delivery::{Delivery, DeliveryConfig, Session};
+use stacker_domain::delivery::{Delivery, DeliveryConfig};
 use stacker_domain::fanout::Fanout;
 use stacker_domain::membership::{MemberBrief, MemberCache, RoomMembers, SharedMemberCache};
 use stacker_domain::model::{Content, JoinPolicy, Member, MemberChange, NewMessage, Role, Room, User};
@@ -16,7 +16,7 @@ use stacker_domain::store::Store;
 use stacker_domain::Error;
 use stacker_redis::{RedisCluster, RedisOptions};
 use stacker_store_sql::{SqlOptions, SqlStore};
-use stacker_testkit::{fresh_database, service_url, DbKind, Service, TestDb};
+use stacker_testkit::{frames_until_quiet, fresh_database, service_url, DbKind, Service, TestDb};
 
 async fn cluster() -> Option<RedisCluster> {
     let url = service_url(Service::Redis)?;
@@ -369,23 +369,6 @@ async fn publish_many_keeps_order_per_stream() {
     c.delete_all_keys().await.unwrap();
 }
 
-/// Frames a session writes within `wait`, as JSON.
-async fn frames_within(session: &mut Session, wait: Duration) -> Vec<serde_json::Value> {
-    let mut frames = Vec::new();
-    let _ = tokio::time::timeout(wait, async {
-        loop {
-            // `next` returns at once while its buffer holds frames.
-            let mut burst = Vec::new();
-            if session.next(&mut burst).await.is_err() {
-                return;
-            }
-            frames.append(&mut burst);
-        }
-    })
-    .await;
-    frames.iter().map(|f| serde_json::from_slice(f.bytes()).expect("a JSON frame")).collect()
-}
-
 /// On a gateway, the pushes for its own connections skip its stream: a
 /// stored message reaches the sender (ack and copy) and a member connected
 /// there at once, while the members on other gateways get stream entries, and
@@ -446,9 +429,9 @@ async fn a_gateway_hands_its_own_pushes_over_without_its_stream() {
     };
 
     gateway.batch_stored(&store_one(1000).await).await;
-    let got = frames_within(&mut sender, Duration::from_millis(300)).await;
+    let got = frames_until_quiet(&mut sender, Duration::from_millis(300)).await.0;
     assert_eq!(seqs(&got), [("ack".into(), 1), ("chat".into(), 1)], "the sender's ack and copy");
-    let got = frames_within(&mut member, Duration::from_millis(300)).await;
+    let got = frames_until_quiet(&mut member, Duration::from_millis(300)).await.0;
     assert_eq!(seqs(&got), [("chat".into(), 1)]);
     assert!(read("gw-a").await.is_empty(), "nothing went through this gateway's own stream");
     let on_b = read("gw-b").await;
@@ -470,7 +453,7 @@ async fn a_gateway_hands_its_own_pushes_over_without_its_stream() {
     c.route_connected(3, "gw-b").await.unwrap();
     gateway.batch_stored(&store_one(1002).await).await;
     assert_eq!(
-        seqs(&frames_within(&mut member, Duration::from_millis(300)).await),
+        seqs(&frames_until_quiet(&mut member, Duration::from_millis(300)).await.0),
         [("chat".into(), 2), ("chat".into(), 3)]
     );
     let on_b = read("gw-b").await;
@@ -486,7 +469,7 @@ async fn a_gateway_hands_its_own_pushes_over_without_its_stream() {
     assert_eq!(on_a.len(), 2, "{on_a:?}");
     assert!(matches!(on_a[0].push, BusPush::Frame { .. }) && on_a[0].users == [1], "the ack: {on_a:?}");
     chat(&on_a[1], &[1, 2], 0, 4);
-    assert!(frames_within(&mut member, Duration::from_millis(100)).await.is_empty(), "no relay runs here");
+    assert!(frames_until_quiet(&mut member, Duration::from_millis(100)).await.0.is_empty(), "no relay runs here");
 
     c.delete_all_keys().await.unwrap();
     db.drop_database().await;

@@ -141,30 +141,23 @@ async fn acks_keep_their_order_when_a_repeated_send_follows_a_new_one() {
 /// Frames a session writes until `wait` passes with nothing new, as
 /// `("chat", seq)` or `("batch", seq)` for each message of a batch.
 async fn written(session: &mut Session, wait: Duration) -> Vec<(String, i64)> {
+    let (frames, close) = stacker_testkit::frames_until_quiet(session, wait).await;
+    assert!(close.is_none(), "the session closed: {close:?}");
     let mut seen = Vec::new();
-    loop {
-        // `next` returns at once while its buffer holds frames.
-        let mut frames = Vec::new();
-        match tokio::time::timeout(wait, session.next(&mut frames)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(close)) => panic!("the session closed: {close:?}"),
-            Err(_) => return seen,
-        }
-        for frame in frames {
-            let json: serde_json::Value = serde_json::from_slice(frame.bytes()).expect("a JSON frame");
-            match json["type"].as_str() {
-                Some("chat") => seen.push(("chat".into(), json["seq"].as_i64().expect("a seq"))),
-                Some("batch") => seen.extend(
-                    json["messages"]
-                        .as_array()
-                        .expect("messages")
-                        .iter()
-                        .map(|m| ("batch".into(), m["seq"].as_i64().unwrap())),
-                ),
-                other => panic!("unexpected frame {other:?}"),
-            }
+    for json in frames {
+        match json["type"].as_str() {
+            Some("chat") => seen.push(("chat".into(), json["seq"].as_i64().expect("a seq"))),
+            Some("batch") => seen.extend(
+                json["messages"]
+                    .as_array()
+                    .expect("messages")
+                    .iter()
+                    .map(|m| ("batch".into(), m["seq"].as_i64().expect("a seq"))),
+            ),
+            other => panic!("unexpected frame {other:?}"),
         }
     }
+    seen
 }
 
 /// Pushes of one room can cross on their way (in a cluster, different
@@ -266,5 +259,27 @@ async fn a_push_cut_short_by_a_dropped_call_is_handled_on_the_next() {
         break;
     }
     assert!(cut_short, "no first poll waited on the store in 20 tries");
+    delivery.disconnect(&handle);
+}
+
+/// `next` appends to its buffer and returns once it added something: frames
+/// the caller left in it do not make it return at once (a caller looping on
+/// it would spin without ever yielding).
+#[tokio::test]
+async fn next_waits_for_new_frames_whatever_its_buffer_holds() {
+    let (_db, users, _room, delivery) = room_of("next-buffer", 2, DeliveryConfig::default()).await;
+    let (handle, mut session) = delivery.connect(users[1], "phone").await.expect("connect");
+    let mut frames = vec![Frame::from_string(r#"{"type":"pong"}"#.to_string())];
+    let waited = tokio::time::timeout(Duration::from_millis(200), session.next(&mut frames)).await;
+    assert!(waited.is_err(), "nothing new to write, yet next returned: {waited:?}");
+    assert_eq!(frames.len(), 1);
+    let chat = Frame::from_string(r#"{"type":"chat","seq":1}"#.to_string());
+    handle.offer(Push::Frame(chat), WAIT).await;
+    tokio::time::timeout(Duration::from_secs(5), session.next(&mut frames))
+        .await
+        .expect("the frame offered is written")
+        .expect("the session stays open");
+    assert_eq!(frames.len(), 2);
+    assert_eq!(&frames[1].bytes()[..], br#"{"type":"chat","seq":1}"#);
     delivery.disconnect(&handle);
 }

@@ -1,5 +1,6 @@
 //! Test support: finds the services tests run against (Redis, MariaDB/MySQL,
-//! PostgreSQL) and makes throwaway databases.
+//! PostgreSQL), makes throwaway databases, and reads what a delivery session
+//! writes ([`frames_until_quiet`]).
 //!
 //! Team rules:
 //! - A service is found through its environment variable
@@ -15,8 +16,10 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Once;
+use std::time::Duration;
 
 use sqlx::{AnyConnection, Connection, Executor};
+use stacker_domain::delivery::{Close, Session};
 
 /// Set to `1` to turn a missing service into a test failure instead of a skip.
 pub const REQUIRE_SERVICES_VAR: &str = "STACKER_TEST_REQUIRE_SERVICES";
@@ -236,6 +239,36 @@ pub fn with_database(url: &str, db: &str) -> String {
     let host_end = base[authority_start..].find('/').map(|i| authority_start + i).unwrap_or(base.len());
     format!("{}/{}{}", &base[..host_end], db, query)
 }
+
+/// The frames `session` writes until `quiet` passes with no new frame (and
+/// at most [`FRAMES_AT_MOST`]), as JSON, and the close that ended it early,
+/// if any.
+pub async fn frames_until_quiet(session: &mut Session, quiet: Duration) -> (Vec<serde_json::Value>, Option<Close>) {
+    let started = tokio::time::Instant::now();
+    let mut until = started + quiet;
+    let mut frames = Vec::new();
+    let close = loop {
+        // A burst at a time, as a connection writes them: `next` fills an
+        // empty buffer (given a full one, it has nothing to do), returns at
+        // once while the session holds frames, and may return with none (a
+        // push that writes nothing).
+        let mut burst = Vec::new();
+        match tokio::time::timeout_at(until.min(started + FRAMES_AT_MOST), session.next(&mut burst)).await {
+            Ok(Ok(())) if !burst.is_empty() => {
+                frames.append(&mut burst);
+                until = tokio::time::Instant::now() + quiet;
+            }
+            Ok(Ok(())) => {}
+            Ok(Err(close)) => break Some(close),
+            Err(_) => break None,
+        }
+    };
+    let json = frames.iter().map(|f| serde_json::from_slice(f.bytes()).expect("a JSON frame")).collect();
+    (json, close)
+}
+
+/// How long [`frames_until_quiet`] reads at the most.
+pub const FRAMES_AT_MOST: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

@@ -128,6 +128,9 @@ impl Session {
     /// only after each await completes, and a push whose handling was cut
     /// short is handled again on the next call (handling is idempotent).
     pub async fn next(&mut self, out: &mut Vec<Frame>) -> std::result::Result<(), Close> {
+        // What `out` held already is not this call's (a caller that did not
+        // drain it must not make this return at once, again and again).
+        let start = out.len();
         crate::hot_metric!(histogram, "stacker_connection_queue_depth").record(self.rx.len() as f64);
         if let Some(push) = self.interrupted.take() {
             self.apply(push, out).await?;
@@ -151,7 +154,7 @@ impl Session {
             // Live pushes first when they are waiting, so catch-up of one room never
             // starves the others; each push is checked against the cursors anyway.
             let mut got_push = false;
-            while out.len() < self.limits.write_burst {
+            while out.len() - start < self.limits.write_burst {
                 match self.rx.try_recv() {
                     Ok(push) => {
                         got_push = true;
@@ -160,12 +163,12 @@ impl Session {
                     Err(_) => break,
                 }
             }
-            if !out.is_empty() {
+            if out.len() > start {
                 return Ok(());
             }
             if let Some(&room) = self.catch_up.first() {
                 self.catch_up_step(room, out).await.map_err(store_close)?;
-                if !out.is_empty() {
+                if out.len() > start {
                     return Ok(());
                 }
                 continue;
@@ -186,7 +189,7 @@ impl Session {
                 Some(push) => self.apply(push, out).await?,
                 None => return Err(Close { code: 1001, reason: "connection replaced".into() }),
             }
-            if !out.is_empty() {
+            if out.len() > start {
                 return Ok(());
             }
         }
