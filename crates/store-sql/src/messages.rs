@@ -34,13 +34,16 @@ const MESSAGE_NCOLS: usize = 8;
 const ROOM_CHUNK: usize = 200;
 /// Most (room, sender) read cursors one statement moves (5 parameters each).
 const CURSOR_CHUNK: usize = 150;
-/// Most read cursors MySQL moves with a `CASE` rather than a join. Measured
-/// on MariaDB 10.11 (`SET profiling`, medians of 24): 2 cursors 0.08 ms
-/// against 0.15 ms joined, 8: 0.14 / 0.20, 20: 0.26 / 0.26, 30: 0.38 / 0.32.
+/// Most read cursors MySQL and PostgreSQL move with a `CASE` over OR-ed keys
+/// rather than a join on a table of the cursors. Measured on MariaDB 10.11
+/// (`SET profiling`, medians of 24): 2 cursors 0.08 ms against 0.15 ms
+/// joined, 8: 0.14 / 0.20, 20: 0.26 / 0.26, 30: 0.38 / 0.32, 200: 4.6 / 1.3.
 /// At a few thousand messages per second most batches are that small. Up to
 /// 20, a cluster's p99 at 13,000 msg/s was worse in four runs of four; up to
-/// 8 it was not (BENCHMARKS.md, the one-round-trip round).
-const MYSQL_CASE_CURSORS: usize = 8;
+/// 8 it was not (BENCHMARKS.md, the one-round-trip round). On PostgreSQL 15
+/// (psql, with its round trip): 2: 0.28 against 0.35 ms, 8: 0.39 / 0.41,
+/// 15: 0.50 / 0.42, 150: 3.1 / 1.7.
+const CASE_CURSORS: usize = 8;
 /// After a run meets a stored client_msg_id, appends look their ids up first
 /// for this long: repeats come in bursts (clients resending after a reconnect
 /// or a timeout), and each miss costs a rolled-back run.
@@ -183,8 +186,8 @@ async fn advance_read_cursors<W: WriteTx>(
             // STRAIGHT_JOIN: the cursors drive, so only their rows are read
             // (and locked), through the primary key. The derived table costs
             // ~0.15 ms even for two rows, though, and for a few cursors the
-            // CASE is cheaper (see `MYSQL_CASE_CURSORS`).
-            Dialect::Mysql if chunk.len() > MYSQL_CASE_CURSORS => {
+            // CASE is cheaper (see `CASE_CURSORS`).
+            Dialect::Mysql if chunk.len() > CASE_CURSORS => {
                 let cursor_rows = vec!["SELECT ? AS room_id, ? AS user_id, ? AS seq"; chunk.len()].join(" UNION ALL ");
                 format!(
                     "UPDATE ({cursor_rows}) c STRAIGHT_JOIN room_members m \
@@ -192,6 +195,16 @@ async fn advance_read_cursors<W: WriteTx>(
                      SET m.read_seq = GREATEST(m.read_seq, c.seq)"
                 )
             }
+            // The same join, in PostgreSQL's words.
+            Dialect::Postgres if chunk.len() > CASE_CURSORS => {
+                let cursor_rows = vec!["(?::BIGINT, ?::BIGINT, ?::BIGINT)"; chunk.len()].join(", ");
+                format!(
+                    "UPDATE room_members m SET read_seq = GREATEST(m.read_seq, c.seq) \
+                     FROM (VALUES {cursor_rows}) AS c (room_id, user_id, seq) \
+                     WHERE m.room_id = c.room_id AND m.user_id = c.user_id"
+                )
+            }
+            // SQLite runs one cursor per statement (`rows_per_statement`).
             dialect => {
                 let greatest = if dialect == Dialect::Sqlite { "MAX" } else { "GREATEST" };
                 let case = "WHEN room_id = ? AND user_id = ? THEN ? ".repeat(chunk.len());
