@@ -204,7 +204,8 @@ async fn advance_read_cursors<W: WriteTx>(
                      WHERE m.room_id = c.room_id AND m.user_id = c.user_id"
                 )
             }
-            // SQLite runs one cursor per statement (`rows_per_statement`).
+            // The CASE: a few cursors on MySQL/PostgreSQL, and on SQLite
+            // always (one cursor per statement, see `rows_per_statement`).
             dialect => {
                 let greatest = if dialect == Dialect::Sqlite { "MAX" } else { "GREATEST" };
                 let case = "WHEN room_id = ? AND user_id = ? THEN ? ".repeat(chunk.len());

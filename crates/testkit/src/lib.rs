@@ -248,17 +248,10 @@ pub async fn frames_until_quiet(session: &mut Session, quiet: Duration) -> (Vec<
     let mut until = started + quiet;
     let mut frames = Vec::new();
     let close = loop {
-        // A burst at a time, as a connection writes them: `next` fills an
-        // empty buffer (given a full one, it has nothing to do), returns at
-        // once while the session holds frames, and may return with none (a
-        // push that writes nothing).
-        let mut burst = Vec::new();
-        match tokio::time::timeout_at(until.min(started + FRAMES_AT_MOST), session.next(&mut burst)).await {
-            Ok(Ok(())) if !burst.is_empty() => {
-                frames.append(&mut burst);
-                until = tokio::time::Instant::now() + quiet;
-            }
-            Ok(Ok(())) => {}
+        // `next` returns once it has appended frames (at once while the
+        // session holds some).
+        match tokio::time::timeout_at(until.min(started + FRAMES_AT_MOST), session.next(&mut frames)).await {
+            Ok(Ok(())) => until = tokio::time::Instant::now() + quiet,
             Ok(Err(close)) => break Some(close),
             Err(_) => break None,
         }
