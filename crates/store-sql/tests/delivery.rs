@@ -11,7 +11,7 @@ use stacker_domain::delivery::{Delivery, DeliveryConfig, Frame, Push, Session};
 use stacker_domain::fanout::Fanout;
 use stacker_domain::membership::MemberCache;
 use stacker_domain::model::{Content, Message, NewMessage};
-use stacker_domain::store::{MessageStore, Store};
+use stacker_domain::store::{MessageStore, RoomStore, Store};
 use tokio::sync::mpsc::Receiver;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -282,4 +282,39 @@ async fn next_waits_for_new_frames_whatever_its_buffer_holds() {
     assert_eq!(frames.len(), 2);
     assert_eq!(&frames[1].bytes()[..], br#"{"type":"chat","seq":1}"#);
     delivery.disconnect(&handle);
+}
+
+/// A member removed without the session hearing of it (in a cluster the
+/// `Left` push can be late or lost) reads nothing more of the room from the
+/// store: not by `sync`, not by a gap's catch-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_reads_nothing_more_from_the_store() {
+    let (db, users, room, delivery) = room_of("removed", 2, DeliveryConfig::default()).await;
+    let (sender, reader) = (users[0], users[1]);
+    let stored = |seq: i64| NewMessage {
+        id: common::next_id(),
+        room_id: room,
+        sender_id: sender,
+        client_msg_id: Some(format!("r{seq}")),
+        content: Content::text(format!("m{seq}")).into(),
+        created_at: 1_700_000_000_000,
+    };
+    db.store.append(&[stored(1)]).await.expect("stored");
+    let quiet = Duration::from_millis(150);
+    let (phone, mut on_phone) = delivery.connect(reader, "phone").await.expect("connect");
+    let (laptop, mut on_laptop) = delivery.connect(reader, "laptop").await.expect("connect");
+    for session in [&mut on_phone, &mut on_laptop] {
+        assert_eq!(written(session, quiet).await, [("batch".to_string(), 1)], "a member catches up");
+    }
+
+    // Removed in the store only: no Left push reaches the sessions.
+    assert!(db.store.remove_member(room, reader).await.expect("removed"), "was a member");
+    db.store.append(&(2..=3).map(stored).collect::<Vec<_>>()).await.expect("stored");
+    // A message ahead of the cursor: after the gap wait the room would be read from the store.
+    phone.offer(Push::message(room, 3, Frame::from_string(r#"{"type":"chat","seq":3}"#.into())), WAIT).await;
+    assert_eq!(written(&mut on_phone, Duration::from_millis(400)).await, [], "a gap of a room left reads nothing");
+    laptop.offer(Push::Sync(Box::new(vec![(room, 0)])), WAIT).await;
+    assert_eq!(written(&mut on_laptop, quiet).await, [], "a sync of a room left reads nothing");
+    delivery.disconnect(&phone);
+    delivery.disconnect(&laptop);
 }

@@ -252,11 +252,7 @@ impl Session {
                 metrics::counter!("stacker_catch_ups_total", "why" => "sync").increment(1);
             }
             Push::Recheck => self.recheck().await.map_err(store_close)?,
-            Push::Left(room) => {
-                self.cursors.remove(&room);
-                self.catch_up.remove(&room);
-                self.held.remove(&room);
-            }
+            Push::Left(room) => self.forget(room),
             Push::Close(close) => return Err(*close),
         }
         Ok(())
@@ -314,6 +310,13 @@ impl Session {
         }
     }
 
+    /// Stops following `room` (the user left it or was removed).
+    fn forget(&mut self, room: RoomId) {
+        self.cursors.remove(&room);
+        self.catch_up.remove(&room);
+        self.held.remove(&room);
+    }
+
     /// Reads the next page of `room` after its cursor into `batch` frames.
     async fn catch_up_step(&mut self, room: RoomId, out: &mut Vec<Frame>) -> Result<()> {
         // The store has whatever was held for this room.
@@ -322,6 +325,13 @@ impl Session {
             self.catch_up.remove(&room);
             return Ok(());
         };
+        // A removal reaches the session as a push, which can come late (in a
+        // cluster it crosses Redis, and a failed publish is only logged): the
+        // store is read only for a room the user is still a member of.
+        if self.store.member(room, self.handle.user_id).await?.is_none() {
+            self.forget(room);
+            return Ok(());
+        }
         let page = self.limits.catch_up_page;
         let messages = self.store.history(room, HistoryPage::After { seq: cursor, limit: page }).await?;
         if (messages.len() as u32) < page {
