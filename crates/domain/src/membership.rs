@@ -141,7 +141,12 @@ impl MemberCache {
                 .await
                 .map_err(|e: Arc<Error>| match &*e {
                     Error::NotFound(m) => Error::NotFound(m.clone()),
-                    other => Error::Unavailable(format!("member list: {other}")),
+                    Error::Unavailable(m) => Error::Unavailable(m.clone()),
+                    // Storage detail goes to the log, never to a client.
+                    other => {
+                        tracing::warn!(room, error = %other, "cannot load a room's member list");
+                        Error::Unavailable("member list unavailable; retry".into())
+                    }
                 })?;
             if loaded_at == self.stripe(room).load(Ordering::Acquire) {
                 return Ok(members);

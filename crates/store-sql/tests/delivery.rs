@@ -318,3 +318,19 @@ async fn a_removed_member_reads_nothing_more_from_the_store() {
     delivery.disconnect(&phone);
     delivery.disconnect(&laptop);
 }
+
+/// A member list that cannot be loaded answers 503 with a plain reason: the
+/// database's own error text (table names, SQL) stays in the log.
+#[tokio::test]
+async fn a_failed_member_list_load_keeps_storage_detail_from_clients() {
+    let db = common::temp_db("members-fail").await;
+    let store: Arc<dyn Store> = Arc::new(db.store.clone());
+    let users = common::users(&db.store, 2).await;
+    let room = common::room(&db.store, &users).await;
+    let members = MemberCache::new(store, None, Duration::from_secs(600));
+    sqlx::query("DROP TABLE room_members").execute(db.store.pool()).await.expect("drop the table");
+    let err = members.get(room).await.expect_err("the load fails");
+    assert!(matches!(err, stacker_domain::Error::Unavailable(_)), "503: {err:?}");
+    let text = err.to_string();
+    assert!(!text.contains("room_members") && !text.to_lowercase().contains("sql"), "no storage detail: {text}");
+}
