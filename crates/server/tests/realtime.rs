@@ -119,6 +119,19 @@ async fn hello_auth_and_connection_limit() {
     assert_eq!(anon.with_token("nope", Id(1)).connect("x").await.err().unwrap().code(), 401);
     let no_token = tokio_tungstenite::connect_async(s.anon().ws_url("x")).await.err().unwrap();
     assert!(no_token.to_string().contains("401"), "{no_token}");
+
+    // A plain GET (no WebSocket handshake) gets the JSON envelope too.
+    let plain = reqwest::Client::new()
+        .get(format!("{}/api/ws", s.base))
+        .bearer_auth(alice.token().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let status = plain.status().as_u16();
+    assert!(status == 400 || status == 426, "status {status}");
+    let body: serde_json::Value = plain.json().await.expect("a JSON envelope");
+    assert_eq!(body["code"], status, "{body}");
+    assert!(body["msg"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
     s.stop().await;
 }
 
@@ -292,6 +305,13 @@ async fn acks_move_the_device_cursor() {
             break;
         }
     }
+
+    // A device id is trimmed: `phone ` is the phone, whose cursor (10) is
+    // behind the laptop's ack (11), which a new device would start from.
+    laptop.ack(room, 11).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut padded = bob.connect("phone ").await.unwrap();
+    assert_eq!(collect_seqs(&mut padded, room, 1).await, vec![11]);
     s.stop().await;
 }
 

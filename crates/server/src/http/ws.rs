@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -36,8 +37,13 @@ pub async fn upgrade(
     State(app): State<AppState>,
     headers: HeaderMap,
     Params(q): Params<WsParams>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    // Not a WebSocket handshake: axum's status (400, 405 or 426) in the envelope.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return Ok(crate::error::error_response(rejection.status(), rejection.body_text())),
+    };
     let header_token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -48,8 +54,8 @@ pub async fn upgrade(
         .or(q.token)
         .ok_or_else(|| Error::Unauthorized("missing token: send Authorization: Bearer or ?token=".into()))?;
     let user_id = app.accounts.authenticate(&token)?;
-    let device_id = q.device_id.unwrap_or_else(|| "default".into());
-    validate::short_text("device_id", &device_id, 64, true)?;
+    // Trimmed, as validated: `phone ` and `phone` are one device (one cursor).
+    let device_id = validate::short_text("device_id", q.device_id.as_deref().unwrap_or("default"), 64, true)?;
     if app.shutdown.is_cancelled() {
         return Err(Error::Unavailable("the server is shutting down; reconnect".into()).into());
     }
