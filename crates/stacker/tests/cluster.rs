@@ -587,9 +587,25 @@ async fn a_redis_restart_loses_nothing() {
 
     redis.kill();
     drop(redis);
+    // Not ready without Redis, ready again once it is back.
+    let readyz = format!("{}/readyz", c.url(meta));
+    let http = reqwest::Client::new();
+    let down = http.get(&readyz).send().await.unwrap();
+    assert_eq!(down.status().as_u16(), 503, "readyz with Redis down");
     let _redis = start_redis(redis_port);
     // Past the send instance's route cache: routes must come back from the gateways.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let up = http.get(&readyz).send().await.unwrap();
+        if up.status().is_success() {
+            let body: serde_json::Value = up.json().await.unwrap();
+            assert_eq!(body["data"]["redis"], "ok", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "readyz stayed {} after Redis came back", up.status());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Sends keep working (the database is the source of truth); retried with
     // the same client_msg_id while anything is still reconnecting.

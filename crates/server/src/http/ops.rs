@@ -15,10 +15,18 @@ pub async fn healthz() -> ApiResult<Value> {
     ok(json!({ "status": "alive" }))
 }
 
-/// Ready when the database answers; also the last minute of each dependency.
+/// Ready when the database answers, and in a cluster Redis too; also the
+/// last minute of each dependency.
 pub async fn readyz(State(app): State<AppState>) -> ApiResult<Value> {
     app.store.ping().await?;
-    ok(json!({ "status": "ready", "database": "ok", "dependencies": monitor::snapshot() }))
+    let redis = match &app.cluster {
+        Some(cluster) => {
+            cluster.redis.ping().await?;
+            Some("ok")
+        }
+        None => None,
+    };
+    ok(json!({ "status": "ready", "database": "ok", "redis": redis, "dependencies": monitor::snapshot() }))
 }
 
 pub async fn metrics() -> impl IntoResponse {
