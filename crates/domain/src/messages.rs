@@ -89,26 +89,53 @@ impl Messages {
         if let Some(id) = &client_msg_id {
             validate::client_msg_id(id)?;
         }
-        validate::content(&content, self.limits().max_content_bytes)?;
-        self.rooms.require_sender(room_id, sender).await?;
-        let now = now_ms();
-        let message = NewMessage {
-            id: self.ids.next_id(),
-            room_id,
-            sender_id: sender,
-            client_msg_id,
-            content: Arc::new(content),
-            created_at: now,
+        // Queued, or (a retry refused now) the message stored under its id before.
+        let queued = match self.check_send(sender, room_id, &content).await {
+            Ok(()) => {
+                let message = NewMessage {
+                    id: self.ids.next_id(),
+                    room_id,
+                    sender_id: sender,
+                    client_msg_id,
+                    content: Arc::new(content),
+                    created_at: now_ms(),
+                };
+                // The committer acknowledges and pushes it once stored.
+                Ok(self.committer.submit(message).await?)
+            }
+            Err(refused) => Err(self.stored_before(sender, client_msg_id.as_deref()).await?.ok_or(refused)?),
         };
-        // The committer acknowledges and pushes it once stored.
-        let stored = self.committer.submit(message).await?;
         Ok(async move {
+            let stored = match queued {
+                Ok(stored) => stored,
+                Err(earlier) => return Ok(Appended::Duplicate(earlier)),
+            };
             let outcome = stored.await?;
             if matches!(outcome, Appended::Stored(_)) {
                 crate::hot_metric!(counter, "stacker_messages_stored_total").increment(1);
             }
             Ok(outcome)
         })
+    }
+
+    /// Whether `sender` may post `content` to the room now.
+    async fn check_send(&self, sender: UserId, room_id: RoomId, content: &Content) -> Result<()> {
+        validate::content(content, self.limits().max_content_bytes)?;
+        self.rooms.require_sender(room_id, sender).await.map(|_| ())
+    }
+
+    /// For a send refused now (the sender muted or removed since, the size
+    /// limit lowered): the message stored under its `client_msg_id` by an
+    /// earlier try, whose answer the client may have missed. The same id
+    /// always yields the same message (SPEC 4.2); the sender's devices get
+    /// its ack again, as for any repeated send.
+    async fn stored_before(&self, sender: UserId, client_msg_id: Option<&str>) -> Result<Option<Message>> {
+        let Some(id) = client_msg_id else { return Ok(None) };
+        let earlier = self.store.message_by_client_id(sender, id).await?;
+        if let Some(message) = &earlier {
+            self.fanout.message_stored(message, false).await;
+        }
+        Ok(earlier)
     }
 
     /// The original sender asks for a stored message again (same id and seq).

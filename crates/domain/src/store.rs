@@ -65,6 +65,8 @@ pub trait MessageStore: Send + Sync {
     /// Results are in the order of `batch`. Every room must exist.
     async fn append(&self, batch: &[NewMessage]) -> Result<Vec<Appended>>;
     async fn message(&self, id: MessageId) -> Result<Option<Message>>;
+    /// The message `sender` stored under `client_msg_id`, if any.
+    async fn message_by_client_id(&self, sender: UserId, client_msg_id: &str) -> Result<Option<Message>>;
     async fn history(&self, room: RoomId, page: HistoryPage) -> Result<Vec<Message>>;
 }
 

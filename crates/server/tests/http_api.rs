@@ -193,8 +193,14 @@ async fn group_roles_and_permissions() {
     // Mute: admins mute members, not owners; a muted member cannot send until unmuted.
     expect_code(member.mute_member(room, admin.user_id(), now_ms() + 60_000).await, 403);
     expect_code(admin.mute_member(room, owner.user_id(), now_ms() + 60_000).await, 403);
+    let before_mute = member.send(room, Content::text("sent"), Some("before-mute")).await.unwrap();
     admin.mute_member(room, member.user_id(), now_ms() + 60_000).await.unwrap();
     assert!(expect_code(member.send_text(room, "hi").await, 403).contains("muted"));
+    // A retry of a send stored before the mute still gets its message (its
+    // answer may have been lost); nothing new is stored.
+    let retried = member.send(room, Content::text("sent"), Some("before-mute")).await.unwrap();
+    assert_eq!((retried.msg_id, retried.seq), (before_mute.msg_id, before_mute.seq));
+    assert!(expect_code(member.send(room, Content::text("new"), Some("after-mute")).await, 403).contains("muted"));
     admin.mute_member(room, member.user_id(), 0).await.unwrap();
     member.send_text(room, "hi").await.unwrap();
     let muted = owner.members(room).await.unwrap();

@@ -429,6 +429,20 @@ impl MessageStore for SqlStore {
         .await
     }
 
+    async fn message_by_client_id(&self, sender: UserId, client_msg_id: &str) -> Result<Option<Message>> {
+        const OP: &str = "message_by_client_id";
+        observe(OP, async {
+            let sql = self.sql_owned(format!(
+                "SELECT {} FROM messages WHERE sender_id = ? AND client_msg_id = ?",
+                rows::message_cols("")
+            ));
+            let query = sqlx::query(&sql).bind(sender).bind(client_msg_id);
+            let row = query.fetch_optional(&self.pool).await.map_err(|e| map_err(OP, e))?;
+            row.as_ref().map(|r| rows::message(r, 0)).transpose()
+        })
+        .await
+    }
+
     async fn history(&self, room: RoomId, page: HistoryPage) -> Result<Vec<Message>> {
         const OP: &str = "history";
         observe(OP, async {

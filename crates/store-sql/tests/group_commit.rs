@@ -46,6 +46,10 @@ impl MessageStore for Counted {
         self.store.message(id).await
     }
 
+    async fn message_by_client_id(&self, sender: UserId, client_msg_id: &str) -> Result<Option<Message>> {
+        self.store.message_by_client_id(sender, client_msg_id).await
+    }
+
     async fn history(&self, room: RoomId, page: stacker_domain::model::HistoryPage) -> Result<Vec<Message>> {
         self.store.history(room, page).await
     }

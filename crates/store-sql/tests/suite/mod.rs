@@ -488,6 +488,9 @@ async fn append_duplicates(s: DynStore) {
 
     let first = s.append(&[msg(room.id, a.id, Some("c-1"), "one")]).await.unwrap();
     let original = stored(&first[0]).clone();
+    assert_eq!(s.message_by_client_id(a.id, "c-1").await.unwrap().as_ref(), Some(&original));
+    assert_eq!(s.message_by_client_id(b.id, "c-1").await.unwrap(), None, "another sender's id space");
+    assert_eq!(s.message_by_client_id(a.id, "c-9").await.unwrap(), None);
 
     // Across batches: the earlier message, and nothing stored.
     let retry = s.append(&[msg(room.id, a.id, Some("c-1"), "one again")]).await.unwrap();
@@ -535,6 +538,7 @@ async fn append_duplicates(s: DynStore) {
     assert_eq!(stored(&first[0]).client_msg_id.as_deref(), Some(odd));
     let retry = s.append(&[msg(room.id, a.id, Some(odd), "odd again")]).await.unwrap();
     assert_eq!(duplicate(&retry[0]), stored(&first[0]));
+    assert_eq!(s.message_by_client_id(a.id, odd).await.unwrap().as_ref(), Some(stored(&first[0])));
     assert_gapless(&s, room.id, 8).await;
 }
 
