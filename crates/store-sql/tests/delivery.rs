@@ -28,6 +28,18 @@ fn message(room: i64, sender: i64, seq: i64) -> Message {
     }
 }
 
+/// A message to store, with `client_msg_id` `{tag}{seq}` and content `m{seq}`.
+fn new_message(room: i64, sender: i64, tag: &str, seq: i64) -> NewMessage {
+    NewMessage {
+        id: common::next_id(),
+        room_id: room,
+        sender_id: sender,
+        client_msg_id: Some(format!("{tag}{seq}")),
+        content: Content::text(format!("m{seq}")).into(),
+        created_at: 1_700_000_000_000,
+    }
+}
+
 /// The next push, as `("ack", seq)` or `("chat", seq)`.
 async fn next(queue: &mut Receiver<Push>) -> (&'static str, i64) {
     let push = tokio::time::timeout(WAIT, queue.recv()).await.expect("a push within 5 s").expect("queue open");
@@ -173,14 +185,7 @@ async fn a_message_ahead_of_a_missing_one_waits_for_it_then_for_the_store() {
         let (db, users, room, delivery) = room_of("gap-wait", 2, config).await;
         let (sender, reader) = (users[0], users[1]);
         let (handle, mut session) = delivery.connect(reader, "phone").await.expect("connect");
-        let stored = |seq: i64| NewMessage {
-            id: common::next_id(),
-            room_id: room,
-            sender_id: sender,
-            client_msg_id: Some(format!("g{seq}")),
-            content: Content::text(format!("m{seq}")).into(),
-            created_at: 1_700_000_000_000,
-        };
+        let stored = |seq: i64| new_message(room, sender, "g", seq);
         db.store.append(&(1..=5).map(stored).collect::<Vec<_>>()).await.expect("stored");
         let live = |seq: i64| Push::message(room, seq, Frame::from_string(format!(r#"{{"type":"chat","seq":{seq}}}"#)));
         let quiet = Duration::from_millis(150);
@@ -291,14 +296,7 @@ async fn next_waits_for_new_frames_whatever_its_buffer_holds() {
 async fn a_removed_member_reads_nothing_more_from_the_store() {
     let (db, users, room, delivery) = room_of("removed", 2, DeliveryConfig::default()).await;
     let (sender, reader) = (users[0], users[1]);
-    let stored = |seq: i64| NewMessage {
-        id: common::next_id(),
-        room_id: room,
-        sender_id: sender,
-        client_msg_id: Some(format!("r{seq}")),
-        content: Content::text(format!("m{seq}")).into(),
-        created_at: 1_700_000_000_000,
-    };
+    let stored = |seq: i64| new_message(room, sender, "r", seq);
     db.store.append(&[stored(1)]).await.expect("stored");
     let quiet = Duration::from_millis(150);
     let (phone, mut on_phone) = delivery.connect(reader, "phone").await.expect("connect");
