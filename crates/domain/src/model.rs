@@ -187,6 +187,8 @@ pub struct MemberCursor {
     /// room's last seq when the user joined).
     pub delivered_seq: i64,
     pub last_seq: i64,
+    /// The room's last seq when the user joined.
+    pub joined_seq: i64,
 }
 
 /// "Device `device_id` of `user_id` has everything up to `seq` in `room_id`."

@@ -315,6 +315,58 @@ async fn acks_move_the_device_cursor() {
     s.stop().await;
 }
 
+/// A device that was offline when its user joined a room gets every message
+/// since the join on its next login, those another device acknowledged
+/// included; a device new to the user starts at the user's delivered seq; and
+/// after a rejoin nothing posted while the user was away is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_start_where_the_user_joined() {
+    let s = TestServer::start_with(fast_acks_config()).await;
+    let (alice, bob) = (s.user("a").await, s.user("b").await);
+    // The laptop is a known device: it acknowledged another room.
+    let first = alice.create_group("first", &[bob.user_id()], None).await.unwrap();
+    alice.send_text(first, "hello").await.unwrap();
+    let mut laptop = bob.connect("laptop").await.unwrap();
+    assert_eq!(collect_seqs(&mut laptop, first, 1).await, vec![1]);
+    laptop.ack(first, 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // acks are written in batches
+    laptop.close().await;
+
+    // Bob joins at seq 1 while the laptop is off; the phone gets 2-4 and acks them.
+    let room = alice.create_group("later", &[], None).await.unwrap();
+    alice.send_text(room, "before bob").await.unwrap();
+    alice.add_member(room, bob.user_id()).await.unwrap();
+    for i in 0..3 {
+        alice.send_text(room, &format!("m{i}")).await.unwrap();
+    }
+    let mut phone = bob.connect("phone").await.unwrap();
+    assert_eq!(collect_seqs(&mut phone, room, 3).await, vec![2, 3, 4]);
+    phone.ack(room, 4).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut laptop = bob.connect("laptop").await.unwrap();
+    assert_eq!(collect_seqs(&mut laptop, room, 3).await, vec![2, 3, 4], "the laptop gets what it missed");
+    let mut tablet = bob.connect("tablet").await.unwrap();
+    assert_quiet(&mut tablet, room, Duration::from_millis(300)).await;
+    laptop.ack(room, 4).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for socket in [laptop, phone, tablet] {
+        socket.close().await;
+    }
+
+    // Removed, two messages posted, added back: the laptop's cursor (4) is
+    // behind, but only what follows the rejoin at seq 6 comes.
+    alice.remove_member(room, bob.user_id()).await.unwrap();
+    alice.send_text(room, "while bob is away").await.unwrap();
+    alice.send_text(room, "still away").await.unwrap();
+    alice.add_member(room, bob.user_id()).await.unwrap();
+    alice.send_text(room, "welcome back").await.unwrap();
+    let mut laptop = bob.connect("laptop").await.unwrap();
+    assert_eq!(collect_seqs(&mut laptop, room, 1).await, vec![7]);
+    assert_quiet(&mut laptop, room, Duration::from_millis(300)).await;
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_oversized_and_unknown_frames_get_errors() {
     let mut config = common::test_config(None);

@@ -19,7 +19,7 @@ impl CursorStore for SqlStore {
         const OP: &str = "member_cursors";
         observe(OP, async {
             let sql = self.sql(
-                "SELECT m.room_id, m.delivered_seq, r.last_seq FROM room_members m \
+                "SELECT m.room_id, m.delivered_seq, r.last_seq, m.joined_seq FROM room_members m \
                  JOIN rooms r ON r.id = m.room_id WHERE m.user_id = ?",
             );
             let found = sqlx::query(&sql).bind(user).fetch_all(&self.pool).await.map_err(|e| map_err(OP, e))?;
@@ -30,6 +30,7 @@ impl CursorStore for SqlStore {
                         room_id: rows::int(row, 0)?,
                         delivered_seq: rows::int(row, 1)?,
                         last_seq: rows::int(row, 2)?,
+                        joined_seq: rows::int(row, 3)?,
                     })
                 })
                 .collect()
@@ -116,7 +117,8 @@ impl CursorStore for SqlStore {
     }
 }
 
-/// Starts new members' read and delivered cursors at their room's last seq.
+/// Starts new members' read and delivered cursors, and their joined seq, at
+/// their room's last seq.
 pub(crate) async fn start_cursors_at_last_seq(
     conn: &mut sqlx::AnyConnection,
     dialect: Dialect,
@@ -132,12 +134,13 @@ pub(crate) async fn start_cursors_at_last_seq(
                 .sql(&format!(
                     "UPDATE room_members SET \
                      read_seq = (SELECT last_seq FROM rooms WHERE rooms.id = ?), \
-                     delivered_seq = (SELECT last_seq FROM rooms WHERE rooms.id = ?) \
+                     delivered_seq = (SELECT last_seq FROM rooms WHERE rooms.id = ?), \
+                     joined_seq = (SELECT last_seq FROM rooms WHERE rooms.id = ?) \
                      WHERE room_id = ? AND user_id IN ({})",
                     placeholders(chunk.len())
                 ))
                 .into_owned();
-            let mut query = sqlx::query(&sql).bind(room).bind(room).bind(room);
+            let mut query = sqlx::query(&sql).bind(room).bind(room).bind(room).bind(room);
             for user in chunk {
                 query = query.bind(*user);
             }

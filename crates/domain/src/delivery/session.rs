@@ -78,8 +78,12 @@ pub struct Session {
 }
 
 impl Session {
-    /// Reads the cursors: the device's acknowledged seq per room, or for rooms
-    /// this device never acknowledged, the user's delivered seq.
+    /// Reads the cursors: the device's acknowledged seq per room (never below
+    /// where the user joined: a rejoin does not replay what was posted while
+    /// away). A device that has acknowledged other rooms but not this one (it
+    /// was offline when the user joined, say) starts where the user joined; a
+    /// device new to the user starts at the user's delivered seq (history from
+    /// before is read with `GET /api/chat/history`).
     pub(crate) async fn open(
         store: Arc<dyn Store>,
         handle: &ConnHandle,
@@ -92,7 +96,11 @@ impl Session {
         let mut cursors = HashMap::with_capacity(rooms.len());
         let mut catch_up = BTreeSet::new();
         for room in rooms {
-            let cursor = device.get(&room.room_id).copied().unwrap_or(room.delivered_seq);
+            let cursor = match device.get(&room.room_id) {
+                Some(&acked) => acked.max(room.joined_seq),
+                None if device.is_empty() => room.delivered_seq,
+                None => room.joined_seq,
+            };
             if cursor < room.last_seq {
                 catch_up.insert(room.room_id);
             }
@@ -365,7 +373,8 @@ impl Session {
     /// the session opened and marks for catch-up every room that is behind.
     async fn recheck(&mut self) -> Result<()> {
         for room in self.store.member_cursors(self.handle.user_id).await? {
-            let cursor = *self.cursors.entry(room.room_id).or_insert(room.delivered_seq);
+            // A room joined while connected: every message since joining.
+            let cursor = *self.cursors.entry(room.room_id).or_insert(room.joined_seq);
             if cursor < room.last_seq {
                 self.catch_up.insert(room.room_id);
             }
@@ -376,7 +385,7 @@ impl Session {
     /// The delivered cursor of a room the user is in now, None if not a member.
     async fn joined_cursor(&self, room: RoomId) -> Result<Option<i64>> {
         let rooms = self.store.member_cursors(self.handle.user_id).await?;
-        Ok(rooms.iter().find(|r| r.room_id == room).map(|r| r.delivered_seq))
+        Ok(rooms.iter().find(|r| r.room_id == room).map(|r| r.joined_seq))
     }
 }
 

@@ -274,8 +274,16 @@ async fn add_and_remove_members(s: DynStore) {
     assert!(!s.remove_member(room.id, b.id).await.unwrap(), "second removal: not a member");
     assert!(!s.remove_member(-1, a.id).await.unwrap());
     assert_eq!(s.member(room.id, b.id).await.unwrap(), None);
-    // Removed members may be added back.
+    // Removed members may be added back; their cursors, and where they
+    // joined, start at the room's last seq then.
+    s.append(&[msg(room.id, a.id, None, "while b was away"), msg(room.id, a.id, None, "and again")]).await.unwrap();
     assert_eq!(s.add_members(&[Member::new(room.id, b.id, Role::Member, 9)]).await.unwrap(), vec![b.id]);
+    s.append(&[msg(room.id, a.id, None, "after b is back")]).await.unwrap();
+    let cursor = |cursors: Vec<stacker_domain::model::MemberCursor>| {
+        cursors.into_iter().find(|c| c.room_id == room.id).map(|c| (c.joined_seq, c.delivered_seq, c.last_seq))
+    };
+    assert_eq!(cursor(s.member_cursors(b.id).await.unwrap()), Some((2, 2, 3)), "b rejoined at seq 2");
+    assert_eq!(cursor(s.member_cursors(a.id).await.unwrap()), Some((0, 0, 3)), "a joined the empty room");
 
     // Many members at once (more than one multi-row INSERT).
     let room2 = make_room(&s, "big", owner.id, &[], 1).await;
