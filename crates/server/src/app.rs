@@ -238,6 +238,7 @@ fn delivery_config(config: &Config) -> delivery::DeliveryConfig {
         connection_queue: config.ws.connection_queue,
         enqueue_timeout: Duration::from_millis(d.enqueue_timeout_ms),
         max_connections: config.ws.max_connections,
+        max_connections_per_user: config.ws.max_connections_per_user,
         session: SessionLimits {
             catch_up_page: d.catch_up_page,
             batch_bytes: d.batch_frame_bytes,

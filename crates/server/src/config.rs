@@ -102,6 +102,8 @@ pub struct WsConfig {
     pub write_buffer_bytes: usize,
     /// Connections past this get 503.
     pub max_connections: usize,
+    /// One user's connections (devices, tabs) past this get 429.
+    pub max_connections_per_user: usize,
     /// Frames waiting per connection; past it the connection catches up from the store.
     pub connection_queue: usize,
 }
@@ -142,6 +144,7 @@ impl Default for WsConfig {
             read_buffer_bytes: 4096,
             write_buffer_bytes: 8192,
             max_connections: 200_000,
+            max_connections_per_user: 256,
             connection_queue: 1024,
         }
     }
@@ -355,10 +358,14 @@ impl Config {
         if self.ws.heartbeat_s == 0 || self.ws.heartbeat_timeout_s <= self.ws.heartbeat_s {
             return fail("ws.heartbeat_timeout_s", "must be greater than ws.heartbeat_s (which must be positive)");
         }
-        if self.ws.max_frame_bytes < 1024 || self.ws.connection_queue == 0 || self.ws.read_buffer_bytes == 0 {
+        if self.ws.max_frame_bytes < 1024
+            || self.ws.connection_queue == 0
+            || self.ws.read_buffer_bytes == 0
+            || self.ws.max_connections_per_user == 0
+        {
             return fail(
                 "ws",
-                "max_frame_bytes must be at least 1024; connection_queue and read_buffer_bytes positive",
+                "max_frame_bytes must be at least 1024; connection_queue, read_buffer_bytes and max_connections_per_user positive",
             );
         }
         if self.delivery.batch_size == 0 || self.delivery.worker_queue == 0 || self.delivery.catch_up_page == 0 {

@@ -135,6 +135,35 @@ async fn hello_auth_and_connection_limit() {
     s.stop().await;
 }
 
+/// One account cannot take every connection: past `ws.max_connections_per_user`
+/// its connects get 429, other users' are unaffected, and a closed
+/// connection frees its place.
+#[tokio::test]
+async fn one_user_cannot_take_every_connection() {
+    let mut config = common::test_config(None);
+    config.ws.max_connections_per_user = 2;
+    let s = TestServer::start_with(config).await;
+    let (alice, bob) = (s.user("a").await, s.user("b").await);
+    let one = alice.connect("one").await.unwrap();
+    let _two = alice.connect("two").await.unwrap();
+    let err = alice.connect("three").await.err().expect("past the per-user limit");
+    assert_eq!(err.code(), 429, "{err}");
+    let _bobs = bob.connect("phone").await.unwrap();
+    one.close().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match alice.connect("three").await {
+            Ok(_three) => break,
+            Err(e) => {
+                assert_eq!(e.code(), 429, "{e}");
+                assert!(std::time::Instant::now() < deadline, "the closed connection never freed its place");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_member_and_every_device_gets_every_message() {
     let s = TestServer::start().await;
@@ -302,6 +331,15 @@ async fn acks_move_the_device_cursor() {
     loop {
         if let ServerFrame::Error { code, .. } = again.next_frame_within(WAIT).await.unwrap().expect("frame") {
             assert_eq!(code, 403);
+            break;
+        }
+    }
+
+    // A sync naming more than 1,000 rooms is refused whole.
+    again.send_frame(&ClientFrame::Sync { cursors: (1..=1001).map(|i| (Id(i), 0)).collect() }).await.unwrap();
+    loop {
+        if let ServerFrame::Error { code, msg } = again.next_frame_within(WAIT).await.unwrap().expect("frame") {
+            assert_eq!(code, 400, "{msg}");
             break;
         }
     }

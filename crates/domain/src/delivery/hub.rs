@@ -112,16 +112,20 @@ pub struct Hub {
     next_id: AtomicU64,
     count: AtomicUsize,
     max_connections: usize,
+    /// One user's connections at most, so one account cannot take the whole
+    /// `max_connections` (and every push to a user walks all of theirs).
+    max_per_user: usize,
     queue: usize,
 }
 
 impl Hub {
-    pub fn new(max_connections: usize, queue: usize) -> Self {
+    pub fn new(max_connections: usize, max_per_user: usize, queue: usize) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             next_id: AtomicU64::new(1),
             count: AtomicUsize::new(0),
             max_connections,
+            max_per_user: max_per_user.max(1),
             queue: queue.max(1),
         }
     }
@@ -134,7 +138,8 @@ impl Hub {
         self.count.load(Ordering::Acquire)
     }
 
-    /// Adds a connection; `Unavailable` past the connection limit.
+    /// Adds a connection; `Unavailable` past the connection limit,
+    /// `RateLimited` past the user's.
     pub fn register(&self, user_id: UserId, device_id: &str) -> Result<(ConnHandle, mpsc::Receiver<Push>)> {
         if self.count.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
             self.count.fetch_sub(1, Ordering::AcqRel);
@@ -149,6 +154,14 @@ impl Hub {
             state: Arc::new(AtomicU8::new(OK)),
         };
         let mut shard = self.shard(user_id).write().unwrap_or_else(|e| e.into_inner());
+        if shard.get(&user_id).is_some_and(|l| l.len() >= self.max_per_user) {
+            drop(shard);
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::RateLimited(format!(
+                "this user has {} connections open here already; close one first",
+                self.max_per_user
+            )));
+        }
         let mut list: Vec<ConnHandle> = shard.get(&user_id).map(|l| l.to_vec()).unwrap_or_default();
         list.push(handle.clone());
         shard.insert(user_id, list.into());

@@ -50,6 +50,8 @@ pub struct DeliveryConfig {
     /// before it switches that connection to catch-up.
     pub enqueue_timeout: Duration,
     pub max_connections: usize,
+    /// One user's connections at most (per process).
+    pub max_connections_per_user: usize,
     pub session: SessionLimits,
     /// How often acknowledged cursors are written to the store.
     pub ack_flush_interval: Duration,
@@ -64,6 +66,7 @@ impl Default for DeliveryConfig {
             connection_queue: 1024,
             enqueue_timeout: Duration::from_millis(100),
             max_connections: 200_000,
+            max_connections_per_user: 256,
             session: SessionLimits::default(),
             ack_flush_interval: Duration::from_millis(500),
         }
@@ -82,7 +85,7 @@ pub struct Delivery {
 
 impl Delivery {
     pub fn start(store: Arc<dyn Store>, members: Arc<MemberCache>, config: DeliveryConfig) -> Arc<Self> {
-        let hub = Arc::new(Hub::new(config.max_connections, config.connection_queue));
+        let hub = Arc::new(Hub::new(config.max_connections, config.max_connections_per_user, config.connection_queue));
         let dispatcher = Dispatcher::start(hub.clone(), members.clone(), &config);
         let acks = AckBuffer::start(store.clone(), config.ack_flush_interval);
         Arc::new(Self { store, hub, members, dispatcher, acks, config })

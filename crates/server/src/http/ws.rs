@@ -27,6 +27,9 @@ use super::extract::Params;
 use super::AppState;
 use crate::error::ApiError;
 
+/// Most rooms one `sync` frame may name.
+const MAX_SYNC_ROOMS: usize = 1000;
+
 #[derive(Deserialize)]
 pub struct WsParams {
     token: Option<String>,
@@ -271,6 +274,10 @@ async fn handle_frame(
             Ok(())
         }
         ClientFrame::Ack { room_id, seq } => app.delivery.ack(handle.user_id, &handle.device_id, room_id.0, seq).await,
+        // Each room named costs the session a store read: bounded per frame.
+        ClientFrame::Sync { cursors } if cursors.len() > MAX_SYNC_ROOMS => {
+            Err(Error::bad_request(format!("a sync names at most {MAX_SYNC_ROOMS} rooms; send several")))
+        }
         ClientFrame::Sync { cursors } => {
             let rooms = cursors.into_iter().map(|(room, seq)| (room.0, seq)).collect();
             handle.offer(Push::Sync(Box::new(rooms)), app.delivery_enqueue_timeout()).await;
