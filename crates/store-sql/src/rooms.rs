@@ -256,9 +256,16 @@ impl RoomStore for SqlStore {
             let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
             let result = async {
                 // Lock order everywhere: the rooms row first, then member rows.
-                let sql = self.sql("UPDATE rooms SET owner_id = ? WHERE id = ?");
-                if affected(&sqlx::query(&sql).bind(to).bind(room).execute(&mut *tx).await?) == 0 {
-                    return Err(Fail::Domain(Error::not_found("room not found")));
+                // Only while `from` still owns the room: of two transfers at
+                // once, the second finds the owner changed (one owner, always).
+                let sql = self.sql("UPDATE rooms SET owner_id = ? WHERE id = ? AND owner_id = ?");
+                let moved = sqlx::query(&sql).bind(to).bind(room).bind(from).execute(&mut *tx).await?;
+                if affected(&moved) == 0 {
+                    let sql = self.sql("SELECT 1 FROM rooms WHERE id = ?");
+                    return Err(Fail::Domain(match sqlx::query(&sql).bind(room).fetch_optional(&mut *tx).await? {
+                        Some(_) => Error::forbidden("only the room's owner may transfer it (the owner has changed)"),
+                        None => Error::not_found("room not found"),
+                    }));
                 }
                 let sql = self.sql("UPDATE room_members SET role = ? WHERE room_id = ? AND user_id = ?");
                 let demoted =

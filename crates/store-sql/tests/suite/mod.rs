@@ -313,6 +313,16 @@ async fn ownership(s: DynStore) {
     assert_eq!(s.member(room.id, heir.id).await.unwrap().unwrap().role, Role::Owner);
     assert_eq!(s.member(room.id, owner.id).await.unwrap().unwrap().role, Role::Admin);
     assert!(s.transfer_ownership(-1, owner.id, heir.id).await.is_err(), "missing room");
+
+    // A transfer by a former owner (say, racing one that went first) is
+    // refused and changes nothing: one owner, always.
+    let err = s.transfer_ownership(room.id, owner.id, outsider.id).await.expect_err("no longer the owner");
+    assert!(matches!(err, Error::Forbidden(_)), "{err:?}");
+    s.add_members(&[Member::new(room.id, outsider.id, Role::Member, 2)]).await.unwrap();
+    assert!(matches!(s.transfer_ownership(room.id, owner.id, outsider.id).await, Err(Error::Forbidden(_))));
+    assert_eq!(s.room(room.id).await.unwrap().unwrap().owner_id, heir.id);
+    let owners = s.members(room.id).await.unwrap().iter().filter(|m| m.role == Role::Owner).count();
+    assert_eq!(owners, 1);
 }
 
 async fn joined_rooms(s: DynStore) {
