@@ -99,6 +99,24 @@ fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T>
 }
 
 impl RedisCluster {
+    /// The readable entries of a read from `gateway`'s stream; the unreadable
+    /// ones are acknowledged, so that they stop coming back (their messages
+    /// are in the store: recipients catch up from there).
+    async fn skip_unreadable(
+        &self,
+        gateway: &str,
+        (readable, unreadable): (Vec<(String, BusEntry)>, Vec<String>),
+    ) -> Vec<(String, BusEntry)> {
+        if !unreadable.is_empty() {
+            metrics::counter!("stacker_stream_unreadable_entries_total").increment(unreadable.len() as u64);
+            // Not fatal: the readable ones are this consumer's now and must go on.
+            if let Err(e) = self.ack(gateway, &unreadable).await {
+                tracing::warn!(error = %e, "cannot acknowledge unreadable stream entries");
+            }
+        }
+        readable
+    }
+
     pub async fn connect(url: &str, options: RedisOptions) -> Result<RedisCluster> {
         let client = redis::Client::open(url).map_err(|e| Error::Store(format!("redis url: {e}")))?;
         let conn = observe("connect", ConnectionManager::new(client.clone())).await?;
@@ -160,14 +178,27 @@ async fn futures_next(iter: &mut redis::AsyncIter<'_, String>) -> Option<String>
     iter.next_item().await.and_then(|r| r.ok())
 }
 
-fn entries(reply: Vec<redis::streams::StreamId>) -> Result<Vec<(String, BusEntry)>> {
-    reply
-        .into_iter()
-        .filter_map(|id| {
-            let bytes: Option<Vec<u8>> = id.get("e");
-            bytes.map(|b| decode("bus entry", &b).map(|e| (id.id.clone(), e)))
-        })
-        .collect()
+/// A stream reply's entries, and apart from them the ids of entries that do
+/// not decode (a bad write, another version's format), so that one of those
+/// cannot hold up the rest of the batch.
+fn entries(reply: Vec<redis::streams::StreamId>) -> (Vec<(String, BusEntry)>, Vec<String>) {
+    let mut readable = Vec::with_capacity(reply.len());
+    let mut unreadable = Vec::new();
+    for id in reply {
+        let bytes: Option<Vec<u8>> = id.get("e");
+        match bytes.map(|b| decode::<BusEntry>("bus entry", &b)) {
+            Some(Ok(entry)) => readable.push((id.id, entry)),
+            Some(Err(e)) => {
+                tracing::error!(id = %id.id, error = %e, "unreadable stream entry: acknowledged and skipped");
+                unreadable.push(id.id);
+            }
+            None => {
+                tracing::error!(id = %id.id, "stream entry without a body: acknowledged and skipped");
+                unreadable.push(id.id);
+            }
+        }
+    }
+    (readable, unreadable)
 }
 
 #[async_trait]
@@ -448,7 +479,7 @@ impl Bus for RedisCluster {
                 }
             };
         let ids = reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default();
-        entries(ids)
+        Ok(self.skip_unreadable(gateway, entries(ids)).await)
     }
 
     async fn ack(&self, gateway: &str, ids: &[String]) -> Result<()> {
@@ -475,7 +506,7 @@ impl Bus for RedisCluster {
             conn.xautoclaim_options(&stream, GROUP, consumer, min_idle.as_millis() as u64, "0-0", options),
         )
         .await?;
-        entries(reply.claimed)
+        Ok(self.skip_unreadable(gateway, entries(reply.claimed)).await)
     }
 
     async fn drop_stream(&self, gateway: &str) -> Result<()> {

@@ -176,6 +176,44 @@ async fn streams_deliver_in_order_ack_and_reclaim() {
     c.delete_all_keys().await.unwrap();
 }
 
+/// An entry that does not decode (a bad write, another version's format)
+/// is acknowledged and skipped: the entries around it are delivered, and it
+/// comes back neither to a read nor to a reclaim.
+#[tokio::test]
+async fn an_unreadable_stream_entry_is_skipped_not_fatal() {
+    let url = match service_url(Service::Redis) {
+        Some(url) => url,
+        None => return,
+    };
+    let prefix = format!("stacker-test-{:016x}", rand::random::<u64>());
+    let options = RedisOptions { prefix: prefix.clone(), stream_max_len: 1000, ..Default::default() };
+    let c = RedisCluster::connect(&url, options).await.expect("connect to redis");
+    let entry = |seq: i64| BusEntry {
+        users: vec![5],
+        push: BusPush::Message { room: 3, seq, frame: format!("{{\"seq\":{seq}}}") },
+        hops: 0,
+    };
+    let mut raw = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let stream = format!("{prefix}:stream:gw3");
+    c.publish("gw3", &entry(1)).await.unwrap();
+    let _: String =
+        redis::cmd("XADD").arg(&stream).arg("*").arg("e").arg("not json").query_async(&mut raw).await.unwrap();
+    let _: String =
+        redis::cmd("XADD").arg(&stream).arg("*").arg("x").arg("no body").query_async(&mut raw).await.unwrap();
+    c.publish("gw3", &entry(2)).await.unwrap();
+
+    let got = c.consume("gw3", "gw3", 10, Duration::from_millis(100)).await.expect("the read succeeds");
+    assert_eq!(got.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(), vec![entry(1), entry(2)]);
+    let ids: Vec<String> = got.into_iter().map(|(id, _)| id).collect();
+    c.ack("gw3", &ids).await.unwrap();
+    // Nothing pending: the unreadable two were acknowledged.
+    assert!(c.reclaim("gw3", "flusher", Duration::ZERO, 10).await.unwrap().is_empty());
+    let pending: redis::Value = redis::cmd("XPENDING").arg(&stream).arg("gateway").query_async(&mut raw).await.unwrap();
+    let redis::Value::Array(summary) = pending else { panic!("XPENDING summary: {pending:?}") };
+    assert_eq!(summary.first(), Some(&redis::Value::Int(0)), "{summary:?}");
+    c.delete_all_keys().await.unwrap();
+}
+
 /// A stream deleted under its consumer (say, the flusher took its gateway for
 /// dead): the consumer's group is made sure of once per connection, so the
 /// next read fails at most once, and the one after has the group back and
