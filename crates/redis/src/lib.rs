@@ -240,7 +240,11 @@ impl Registry for RedisCluster {
         let mut dead = Vec::new();
         for (id, info) in ids.into_iter().zip(infos) {
             match info {
-                Some(bytes) => live.push(decode::<GatewayInfo>("gateway", &bytes)?),
+                Some(bytes) => match decode::<GatewayInfo>("gateway", &bytes) {
+                    Ok(info) => live.push(info),
+                    // Left out until its next heartbeat rewrites it; the others are served.
+                    Err(e) => tracing::error!(gateway = %id, error = %e, "unreadable gateway record: left out"),
+                },
                 None => dead.push(id),
             }
         }

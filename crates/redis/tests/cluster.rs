@@ -214,6 +214,27 @@ async fn an_unreadable_stream_entry_is_skipped_not_fatal() {
     c.delete_all_keys().await.unwrap();
 }
 
+/// A gateway record that does not decode is left out of the live gateways;
+/// the others are still served.
+#[tokio::test]
+async fn an_unreadable_gateway_record_is_left_out() {
+    let url = match service_url(Service::Redis) {
+        Some(url) => url,
+        None => return,
+    };
+    let prefix = format!("stacker-test-{:016x}", rand::random::<u64>());
+    let options = RedisOptions { prefix: prefix.clone(), stream_max_len: 1000, ..Default::default() };
+    let c = RedisCluster::connect(&url, options).await.expect("connect to redis");
+    assert!(c.heartbeat_gateway(&gw("good", 0, 10), TTL).await.unwrap());
+    let mut raw = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET").arg(format!("{prefix}:gw:bad")).arg("not json").query_async(&mut raw).await.unwrap();
+    let _: () =
+        redis::cmd("ZADD").arg(format!("{prefix}:gw:rank")).arg(0).arg("bad").query_async(&mut raw).await.unwrap();
+    let live = c.live_gateways().await.expect("one bad record does not fail the rest");
+    assert_eq!(live.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(), ["good"]);
+    c.delete_all_keys().await.unwrap();
+}
+
 /// A stream deleted under its consumer (say, the flusher took its gateway for
 /// dead): the consumer's group is made sure of once per connection, so the
 /// next read fails at most once, and the one after has the group back and
