@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use moka::ops::compute::Op;
 use moka::sync::Cache;
 
 use crate::auth::{hash_password, verify_password, Tokens};
@@ -78,9 +79,43 @@ impl Accounts {
 
     pub async fn login(&self, username: &str, password: &str) -> Result<LoginToken> {
         let key = username.trim().to_ascii_lowercase();
-        if self.failures.get(&key).unwrap_or(0) >= self.max_failures_per_minute.load(Ordering::Relaxed) {
+        // Counted before the password is checked, so that guesses sent all
+        // at once count too (checked first and counted after, a burst of
+        // hundreds all passed a limit of ten); taken back unless it failed.
+        if self.count_attempt(&key) > self.max_failures_per_minute.load(Ordering::Relaxed) {
+            self.take_back_attempt(&key);
             return Err(Error::RateLimited("too many failed logins for this user; wait a minute".into()));
         }
+        match self.check_password(username, password).await {
+            Ok(Some(token)) => {
+                self.take_back_attempt(&key);
+                Ok(token)
+            }
+            Ok(None) => Err(Error::Unauthorized(BAD_LOGIN.into())),
+            Err(e) => {
+                self.take_back_attempt(&key);
+                Err(e)
+            }
+        }
+    }
+
+    /// One more attempt for `key`; answers how many it has now.
+    fn count_attempt(&self, key: &str) -> u32 {
+        let entry = self.failures.entry(key.to_string()).and_upsert_with(|old| old.map_or(0, |e| e.into_value()) + 1);
+        entry.into_value()
+    }
+
+    /// Takes back an attempt that did not fail.
+    fn take_back_attempt(&self, key: &str) {
+        self.failures.entry(key.to_string()).and_compute_with(|old| match old.map(|e| e.into_value()) {
+            Some(n) if n > 1 => Op::Put(n - 1),
+            _ => Op::Remove,
+        });
+    }
+
+    /// A token when `password` is the user's; `None` when the username or
+    /// the password is wrong (both cost one argon2 verification).
+    async fn check_password(&self, username: &str, password: &str) -> Result<Option<LoginToken>> {
         let user = match validate::username(username) {
             Ok(name) => self.store.user_by_name(&name).await?,
             Err(_) => None,
@@ -90,13 +125,9 @@ impl Accounts {
         match user {
             Some(user) if ok => {
                 let (token, expires_at) = self.tokens.issue(user.id)?;
-                Ok(LoginToken { token, user_id: user.id, expires_at })
+                Ok(Some(LoginToken { token, user_id: user.id, expires_at }))
             }
-            _ => {
-                let failed = self.failures.get(&key).unwrap_or(0) + 1;
-                self.failures.insert(key, failed);
-                Err(Error::Unauthorized(BAD_LOGIN.into()))
-            }
+            _ => Ok(None),
         }
     }
 

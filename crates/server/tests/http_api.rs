@@ -135,6 +135,12 @@ async fn failed_logins_are_rate_limited() {
     // Other users are unaffected.
     anon.register("bystander", PASSWORD, None).await.unwrap();
     anon.login("bystander", PASSWORD).await.unwrap();
+    // Guesses sent all at once count too: no more than the limit get checked.
+    anon.register("target", PASSWORD, None).await.unwrap();
+    let guesses = (0..12).map(|_| anon.login("target", "guess-guess"));
+    let codes: Vec<u16> = futures::future::join_all(guesses).await.into_iter().map(|r| r.unwrap_err().code()).collect();
+    assert_eq!(codes.iter().filter(|&&c| c == 401).count(), 3, "{codes:?}");
+    assert_eq!(codes.iter().filter(|&&c| c == 429).count(), 9, "{codes:?}");
     s.stop().await;
 }
 
