@@ -28,6 +28,18 @@ async fn cluster() -> Option<RedisCluster> {
     )
 }
 
+/// [`cluster`], its key prefix, and a plain connection to the same Redis
+/// (to write what the cluster never would).
+async fn cluster_and_raw() -> Option<(RedisCluster, String, redis::aio::MultiplexedConnection)> {
+    let url = service_url(Service::Redis)?;
+    let prefix = format!("stacker-test-{:016x}", rand::random::<u64>());
+    let options = RedisOptions { prefix: prefix.clone(), stream_max_len: 1000, ..Default::default() };
+    let c = RedisCluster::connect(&url, options).await.expect("connect to redis");
+    let client = redis::Client::open(url.as_str()).expect("a redis url");
+    let raw = client.get_multiplexed_async_connection().await.expect("connect to redis");
+    Some((c, prefix, raw))
+}
+
 fn gw(id: &str, connections: u64, capacity: u64) -> GatewayInfo {
     GatewayInfo {
         id: id.into(),
@@ -181,19 +193,12 @@ async fn streams_deliver_in_order_ack_and_reclaim() {
 /// comes back neither to a read nor to a reclaim.
 #[tokio::test]
 async fn an_unreadable_stream_entry_is_skipped_not_fatal() {
-    let url = match service_url(Service::Redis) {
-        Some(url) => url,
-        None => return,
-    };
-    let prefix = format!("stacker-test-{:016x}", rand::random::<u64>());
-    let options = RedisOptions { prefix: prefix.clone(), stream_max_len: 1000, ..Default::default() };
-    let c = RedisCluster::connect(&url, options).await.expect("connect to redis");
+    let Some((c, prefix, mut raw)) = cluster_and_raw().await else { return };
     let entry = |seq: i64| BusEntry {
         users: vec![5],
         push: BusPush::Message { room: 3, seq, frame: format!("{{\"seq\":{seq}}}") },
         hops: 0,
     };
-    let mut raw = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
     let stream = format!("{prefix}:stream:gw3");
     c.publish("gw3", &entry(1)).await.unwrap();
     let _: String =
@@ -218,15 +223,8 @@ async fn an_unreadable_stream_entry_is_skipped_not_fatal() {
 /// the others are still served.
 #[tokio::test]
 async fn an_unreadable_gateway_record_is_left_out() {
-    let url = match service_url(Service::Redis) {
-        Some(url) => url,
-        None => return,
-    };
-    let prefix = format!("stacker-test-{:016x}", rand::random::<u64>());
-    let options = RedisOptions { prefix: prefix.clone(), stream_max_len: 1000, ..Default::default() };
-    let c = RedisCluster::connect(&url, options).await.expect("connect to redis");
+    let Some((c, prefix, mut raw)) = cluster_and_raw().await else { return };
     assert!(c.heartbeat_gateway(&gw("good", 0, 10), TTL).await.unwrap());
-    let mut raw = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("SET").arg(format!("{prefix}:gw:bad")).arg("not json").query_async(&mut raw).await.unwrap();
     let _: () =
         redis::cmd("ZADD").arg(format!("{prefix}:gw:rank")).arg(0).arg("bad").query_async(&mut raw).await.unwrap();
