@@ -315,6 +315,7 @@ fn jwt_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
         path = %path.display(),
         "auth.jwt_secret is not set: using a secret generated in the data directory; set one in production"
     );
+    keep_private(&path).with_context(|| format!("cannot make {} private", path.display()))?;
     if let Ok(existing) = std::fs::read_to_string(&path) {
         let existing = existing.trim();
         if existing.len() >= 32 {
@@ -324,6 +325,23 @@ fn jwt_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
     let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
     write_private(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(secret.into_bytes())
+}
+
+/// An existing secret file that others may read (copied, restored from a
+/// backup, made by hand) is made readable by its owner only.
+fn keep_private(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "the JWT secret file was readable by others: made private (0600)");
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
@@ -351,6 +369,23 @@ fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// A generated secret is private, and an existing one that others could
+    /// read is made private before it is used.
+    #[cfg(unix)]
+    #[test]
+    fn the_generated_jwt_secret_stays_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("stacker-jwt-{:016x}", rand::random::<u64>()));
+        let config = crate::Config { data_dir: dir.clone(), ..crate::Config::default() };
+        let mode = || std::fs::metadata(dir.join("jwt_secret")).unwrap().permissions().mode() & 0o777;
+        let first = super::jwt_secret(&config).unwrap();
+        assert_eq!(mode(), 0o600);
+        std::fs::set_permissions(dir.join("jwt_secret"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(super::jwt_secret(&config).unwrap(), first, "the same secret");
+        assert_eq!(mode(), 0o600, "made private again");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     #[test]
     fn redacts_passwords() {
         assert_eq!(super::redact("mysql://root:pw@h:3306/db"), "mysql://root:***@h:3306/db");
