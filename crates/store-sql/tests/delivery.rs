@@ -313,6 +313,11 @@ async fn a_removed_member_reads_nothing_more_from_the_store() {
     assert_eq!(written(&mut on_phone, Duration::from_millis(400)).await, [], "a gap of a room left reads nothing");
     laptop.offer(Push::Sync(Box::new(vec![(room, 0)])), WAIT).await;
     assert_eq!(written(&mut on_laptop, quiet).await, [], "a sync of a room left reads nothing");
+    // Nor does a sync of a room the reader was never in.
+    let others = common::room(&db.store, &[sender]).await;
+    db.store.append(&[new_message(others, sender, "o", 1)]).await.expect("stored");
+    laptop.offer(Push::Sync(Box::new(vec![(others, 0)])), WAIT).await;
+    assert_eq!(written(&mut on_laptop, quiet).await, [], "a sync of a room never joined reads nothing");
     delivery.disconnect(&phone);
     delivery.disconnect(&laptop);
 }

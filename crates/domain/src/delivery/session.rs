@@ -207,8 +207,8 @@ impl Session {
     async fn apply(&mut self, push: Push, out: &mut Vec<Frame>) -> std::result::Result<(), Close> {
         let may_wait = match &push {
             Push::Message(chat) => !self.cursors.contains_key(&chat.room),
-            Push::Sync(_) | Push::Recheck => true,
-            Push::Frame(_) | Push::Left(_) | Push::Close(_) => false,
+            Push::Recheck => true,
+            Push::Sync(_) | Push::Frame(_) | Push::Left(_) | Push::Close(_) => false,
         };
         if !may_wait {
             return self.apply_now(push, out).await;
@@ -247,13 +247,10 @@ impl Session {
                 }
             }
             Push::Frame(frame) => out.push(frame),
+            // Membership is checked where the store is read (`catch_up_step`),
+            // which forgets a room the user is not in.
             Push::Sync(rooms) => {
                 for (room, seq) in *rooms {
-                    if !self.cursors.contains_key(&room)
-                        && self.store.member(room, self.handle.user_id).await.map_err(store_close)?.is_none()
-                    {
-                        continue;
-                    }
                     self.cursors.insert(room, seq.max(0));
                     self.catch_up.insert(room);
                 }
@@ -382,7 +379,8 @@ impl Session {
         Ok(())
     }
 
-    /// The delivered cursor of a room the user is in now, None if not a member.
+    /// Where a room the user is in now starts (the room's last seq when they
+    /// joined), None if not a member.
     async fn joined_cursor(&self, room: RoomId) -> Result<Option<i64>> {
         let rooms = self.store.member_cursors(self.handle.user_id).await?;
         Ok(rooms.iter().find(|r| r.room_id == room).map(|r| r.joined_seq))
