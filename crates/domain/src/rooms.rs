@@ -2,11 +2,12 @@
 //! owners and admins add, remove and mute members and answer join requests;
 //! only the owner changes roles, and `new_role` 0 hands ownership over.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use serde_json::json;
 use stacker_proto::ws::{Event, EventKind};
+use stacker_proto::Id;
 
 use crate::clock::now_ms;
 use crate::fanout::Fanout;
@@ -68,23 +69,30 @@ impl Rooms {
     }
 
     /// After users were added: caches learn, the new members get `room_joined`,
-    /// everyone else `member_joined`.
+    /// everyone else one `member_joined` (one user) or one `members_joined`
+    /// naming them all: an event per added user per member would make one
+    /// call of 1,000 users in a big room a million pushes.
     async fn announce_joined(&self, room: RoomId, added: &[UserId], actor: Option<UserId>) -> Result<()> {
         if added.is_empty() {
             return Ok(());
         }
         self.members.invalidate(room).await;
         self.fanout.membership_changed(room, None).await;
-        let everyone = self.member_ids(room).await?;
-        let others: Vec<UserId> = everyone.iter().copied().filter(|u| !added.contains(u)).collect();
+        let newcomers: HashSet<UserId> = added.iter().copied().collect();
+        let others: Vec<UserId> = self.member_ids(room).await?.into_iter().filter(|u| !newcomers.contains(u)).collect();
         for user in added {
             self.fanout
                 .notify(&[*user], Self::event(EventKind::RoomJoined, room, Some(*user), actor, json!(null)))
                 .await;
-            self.fanout
-                .notify(&others, Self::event(EventKind::MemberJoined, room, Some(*user), actor, json!(null)))
-                .await;
         }
+        let joined = match added {
+            [one] => Self::event(EventKind::MemberJoined, room, Some(*one), actor, json!(null)),
+            many => {
+                let ids: Vec<Id> = many.iter().map(|id| Id(*id)).collect();
+                Self::event(EventKind::MembersJoined, room, None, actor, json!({ "user_ids": ids }))
+            }
+        };
+        self.fanout.notify(&others, joined).await;
         Ok(())
     }
 

@@ -70,6 +70,8 @@ pub enum EventKind {
     RoomJoined,
     /// Someone joined a room you are in.
     MemberJoined,
+    /// Several users were added to a room you are in at once (`data.user_ids`).
+    MembersJoined,
     /// Someone left or was removed.
     MemberLeft,
     /// You were removed from a room.

@@ -463,6 +463,32 @@ async fn membership_changes_and_join_requests_are_events() {
     assert_eq!(next_event(&mut carol_socket).await.kind, EventKind::RoomLeft);
     owner.send_text(room, "carol is gone").await.unwrap();
     assert_quiet(&mut carol_socket, room, Duration::from_millis(300)).await;
+
+    // Several users added by one call: each hears `room_joined`, and each
+    // member already there one `members_joined` naming them all.
+    assert_eq!(next_event(&mut owner_socket).await.kind, EventKind::MemberLeft, "carol's removal");
+    let (dave, erin) = (s.user("d").await, s.user("e").await);
+    let mut dave_socket = dave.connect("d").await.unwrap();
+    owner.add_members(room, &[dave.user_id(), erin.user_id()]).await.unwrap();
+    let e = next_event(&mut dave_socket).await;
+    assert_eq!((e.kind, e.user_id), (EventKind::RoomJoined, Some(dave.user_id())));
+    let e = next_event(&mut owner_socket).await;
+    assert_eq!((e.kind, e.user_id), (EventKind::MembersJoined, None));
+    let mut named: Vec<String> =
+        e.data["user_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    named.sort();
+    let mut expected = vec![dave.user_id().to_string(), erin.user_id().to_string()];
+    expected.sort();
+    assert_eq!(named, expected);
+    let sent = owner.send_text(room, "welcome both").await.unwrap();
+    loop {
+        match owner_socket.next_frame_within(WAIT).await.unwrap().expect("the message") {
+            ServerFrame::Event(e) => panic!("one event per call, got another: {e:?}"),
+            ServerFrame::Chat(m) if m.seq == sent.seq => break,
+            ServerFrame::Batch { messages } if messages.iter().any(|m| m.seq == sent.seq) => break,
+            _ => {}
+        }
+    }
     s.stop().await;
 }
 
