@@ -122,6 +122,8 @@ impl Server {
             .env("STACKER_AUTH__JWT_SECRET", secret)
             .env("STACKER_LOG__LEVEL", "warn")
             .env("STACKER_WS__MAX_CONNECTIONS", "1000000")
+            // Every bench user registers from this one address.
+            .env("STACKER_AUTH__MAX_REGISTRATIONS_PER_ADDRESS_PER_MINUTE", "0")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)

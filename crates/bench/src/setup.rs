@@ -33,7 +33,7 @@ pub async fn users(server: &Server, run: &str, label: &str, n: usize, concurrenc
             let (anon, send_base) = (anon.clone(), &send_base);
             let name = format!("b{run}{label}{i}");
             async move {
-                retry_busy(|| anon.register(&name, PASSWORD, None))
+                retry_busy(|| async { anon.register(&name, PASSWORD, None).await.map_err(registration_hint) })
                     .await
                     .with_context(|| format!("register {name}"))?;
                 let client =
@@ -84,6 +84,18 @@ pub async fn send_text(user: &User, room: Id, text: &str, client_msg_id: &str) -
         .await
         .with_context(|| format!("send {client_msg_id} to room {room}"))?;
     Ok(r.seq)
+}
+
+/// A 429 at registration is the server's per-address limit, which waiting
+/// does not lift while the bench keeps registering: say how to lift it.
+fn registration_hint(e: ClientError) -> ClientError {
+    if e.code() != 429 {
+        return e;
+    }
+    ClientError::Protocol(format!(
+        "{e}: the server limits registrations per client address, and every bench user registers from \
+         this one; start it with STACKER_AUTH__MAX_REGISTRATIONS_PER_ADDRESS_PER_MINUTE=0 (--spawn does)"
+    ))
 }
 
 /// Retries a call while the server answers 503 or 429 (busy), for up to 30 s.

@@ -1,5 +1,7 @@
 //! Registration, login and token checks.
 
+use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,16 +18,28 @@ use crate::{validate, Error, Result};
 
 const BAD_LOGIN: &str = "invalid username or password";
 
+/// Per-minute limits on the password work (argon2) one key may cause; 0
+/// means no limit.
+#[derive(Clone, Copy, Debug)]
+pub struct AuthLimits {
+    /// Failed logins for one username before further attempts get 429.
+    pub failures_per_user: u32,
+    /// Failed logins from one client address (any usernames): a flood of
+    /// guesses at random names would otherwise fill the hashing slots.
+    pub failures_per_address: u32,
+    /// Registrations from one client address.
+    pub registrations_per_address: u32,
+}
+
 pub struct Accounts {
     store: Arc<dyn Store>,
     ids: Arc<IdGenerator>,
     tokens: Tokens,
     /// Verified against when the user does not exist, so both failures cost the same.
     dummy_hash: String,
-    /// Failed logins per username in the current minute (bounded, expiring).
-    failures: Cache<String, u32>,
-    /// Changeable while running (config reload).
-    max_failures_per_minute: AtomicU32,
+    failures_by_user: AttemptWindow<String>,
+    failures_by_address: AttemptWindow<IpAddr>,
+    registrations_by_address: AttemptWindow<IpAddr>,
 }
 
 pub struct LoginToken {
@@ -35,25 +49,34 @@ pub struct LoginToken {
 }
 
 impl Accounts {
-    /// `max_failures_per_minute`: failed logins for one username before further
-    /// attempts get 429 until the minute is over.
-    pub async fn new(
-        store: Arc<dyn Store>,
-        ids: Arc<IdGenerator>,
-        tokens: Tokens,
-        max_failures_per_minute: u32,
-    ) -> Result<Self> {
+    pub async fn new(store: Arc<dyn Store>, ids: Arc<IdGenerator>, tokens: Tokens, limits: AuthLimits) -> Result<Self> {
         let dummy_hash = hash_password("stacker-dummy-password".into()).await?;
-        let failures = Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build();
-        let max_failures_per_minute = AtomicU32::new(max_failures_per_minute);
-        Ok(Self { store, ids, tokens, dummy_hash, failures, max_failures_per_minute })
+        Ok(Self {
+            store,
+            ids,
+            tokens,
+            dummy_hash,
+            failures_by_user: AttemptWindow::new(limits.failures_per_user),
+            failures_by_address: AttemptWindow::new(limits.failures_per_address),
+            registrations_by_address: AttemptWindow::new(limits.registrations_per_address),
+        })
     }
 
-    pub fn set_max_failures_per_minute(&self, n: u32) {
-        self.max_failures_per_minute.store(n, Ordering::Relaxed);
+    /// Changeable while running (config reload).
+    pub fn set_limits(&self, limits: AuthLimits) {
+        self.failures_by_user.set_limit(limits.failures_per_user);
+        self.failures_by_address.set_limit(limits.failures_per_address);
+        self.registrations_by_address.set_limit(limits.registrations_per_address);
     }
 
-    pub async fn register(&self, username: &str, password: &str, nickname: Option<&str>) -> Result<UserId> {
+    /// `from`: the client's address, when known.
+    pub async fn register(
+        &self,
+        username: &str,
+        password: &str,
+        nickname: Option<&str>,
+        from: Option<IpAddr>,
+    ) -> Result<UserId> {
         let username = validate::username(username)?;
         validate::password(password)?;
         let nickname = match nickname {
@@ -63,6 +86,20 @@ impl Accounts {
         if self.store.user_by_name(&username).await?.is_some() {
             return Err(Error::conflict("username is taken"));
         }
+        // Counted once the request is valid and about to be hashed; taken back
+        // if the account is not created.
+        let attempt = self.registrations_by_address.admit(from);
+        if attempt == Admission::Refused {
+            return Err(Error::RateLimited("too many registrations from this address; wait a minute".into()));
+        }
+        let created = self.create_user(username, password, nickname).await;
+        if created.is_err() {
+            self.registrations_by_address.take_back(from, attempt);
+        }
+        created
+    }
+
+    async fn create_user(&self, username: String, password: &str, nickname: String) -> Result<UserId> {
         let user = User {
             id: self.ids.next_id(),
             nickname: if nickname.is_empty() { username.clone() } else { nickname },
@@ -77,40 +114,27 @@ impl Accounts {
         Ok(user.id)
     }
 
-    pub async fn login(&self, username: &str, password: &str) -> Result<LoginToken> {
-        let key = username.trim().to_ascii_lowercase();
+    /// `from`: the client's address, when known.
+    pub async fn login(&self, username: &str, password: &str, from: Option<IpAddr>) -> Result<LoginToken> {
         // Counted before the password is checked, so that guesses sent all
         // at once count too (checked first and counted after, a burst of
         // hundreds all passed a limit of ten); taken back unless it failed.
-        if self.count_attempt(&key) > self.max_failures_per_minute.load(Ordering::Relaxed) {
-            self.take_back_attempt(&key);
+        let by_address = self.failures_by_address.admit(from);
+        if by_address == Admission::Refused {
+            return Err(Error::RateLimited("too many failed logins from this address; wait a minute".into()));
+        }
+        let key = Some(username.trim().to_ascii_lowercase());
+        let by_user = self.failures_by_user.admit(key.clone());
+        if by_user == Admission::Refused {
+            self.failures_by_address.take_back(from, by_address);
             return Err(Error::RateLimited("too many failed logins for this user; wait a minute".into()));
         }
-        match self.check_password(username, password).await {
-            Ok(Some(token)) => {
-                self.take_back_attempt(&key);
-                Ok(token)
-            }
-            Ok(None) => Err(Error::Unauthorized(BAD_LOGIN.into())),
-            Err(e) => {
-                self.take_back_attempt(&key);
-                Err(e)
-            }
+        let checked = self.check_password(username, password).await;
+        if !matches!(checked, Ok(None)) {
+            self.failures_by_user.take_back(key, by_user);
+            self.failures_by_address.take_back(from, by_address);
         }
-    }
-
-    /// One more attempt for `key`; answers how many it has now.
-    fn count_attempt(&self, key: &str) -> u32 {
-        let entry = self.failures.entry(key.to_string()).and_upsert_with(|old| old.map_or(0, |e| e.into_value()) + 1);
-        entry.into_value()
-    }
-
-    /// Takes back an attempt that did not fail.
-    fn take_back_attempt(&self, key: &str) {
-        self.failures.entry(key.to_string()).and_compute_with(|old| match old.map(|e| e.into_value()) {
-            Some(n) if n > 1 => Op::Put(n - 1),
-            _ => Op::Remove,
-        });
+        checked?.ok_or_else(|| Error::Unauthorized(BAD_LOGIN.into()))
     }
 
     /// A token when `password` is the user's; `None` when the username or
@@ -138,5 +162,60 @@ impl Accounts {
 
     pub async fn user(&self, id: UserId) -> Result<User> {
         self.store.user_by_id(id).await?.ok_or_else(|| Error::not_found("user not found"))
+    }
+}
+
+/// What [`AttemptWindow::admit`] decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admission {
+    /// Let through and counted.
+    Counted,
+    /// Let through without counting: no key, or no limit.
+    Free,
+    /// Over the limit: not counted.
+    Refused,
+}
+
+/// Attempts per key over the last minute (bounded, expiring), counted before
+/// the work so that a burst sent all at once is counted too.
+struct AttemptWindow<K> {
+    counts: Cache<K, u32>,
+    /// 0: no limit. Changeable while running.
+    limit: AtomicU32,
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> AttemptWindow<K> {
+    fn new(limit: u32) -> Self {
+        let counts = Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build();
+        Self { counts, limit: AtomicU32::new(limit) }
+    }
+
+    fn set_limit(&self, limit: u32) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    fn admit(&self, key: Option<K>) -> Admission {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let Some(key) = key.filter(|_| limit > 0) else {
+            return Admission::Free;
+        };
+        let count = self.counts.entry(key.clone()).and_upsert_with(|old| old.map_or(0, |e| e.into_value()) + 1);
+        if count.into_value() > limit {
+            self.take_back(Some(key), Admission::Counted);
+            Admission::Refused
+        } else {
+            Admission::Counted
+        }
+    }
+
+    /// Takes back an attempt `admit` counted (one that did not fail).
+    fn take_back(&self, key: Option<K>, admission: Admission) {
+        let Some(key) = key.filter(|_| admission == Admission::Counted) else {
+            return;
+        };
+        self.counts.entry(key).and_compute_with(|old| match old.map(|e| e.into_value()) {
+            Some(n) if n > 1 => Op::Put(n - 1),
+            _ => Op::Remove,
+        });
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use stacker_domain::accounts::Accounts;
+use stacker_domain::accounts::{Accounts, AuthLimits};
 use stacker_domain::auth::Tokens;
 use stacker_domain::cluster::Registry;
 use stacker_domain::commit::{CommitConfig, GroupCommitter, DEFAULT_SPREAD_AT};
@@ -98,8 +98,7 @@ impl App {
         };
         let ids = Arc::new(IdGenerator::new(node_id)?);
         let tokens = Tokens::new(&secret, config.auth.token_ttl_s);
-        let accounts =
-            Accounts::new(store.clone(), ids.clone(), tokens, config.auth.max_login_failures_per_minute).await?;
+        let accounts = Accounts::new(store.clone(), ids.clone(), tokens, auth_limits(&config)).await?;
         // Standalone: this process makes every membership change and invalidates
         // its own cache, so lists live long. A cluster process also shares a Redis
         // tier and keeps its own copy only briefly (other processes change rooms).
@@ -167,12 +166,12 @@ impl App {
     }
 
     /// Applies the keys of `new` that can change while running (messages.*,
-    /// auth.max_login_failures_per_minute; log.level is the caller's, see
+    /// auth.max_*_per_minute; log.level is the caller's, see
     /// [`crate::telemetry::Logging`]). Returns the other keys that differ from
     /// the running config: they take effect after a restart.
     pub fn reload(&self, new: &Config) -> Vec<&'static str> {
         self.messages.set_limits(message_limits(new));
-        self.accounts.set_max_failures_per_minute(new.auth.max_login_failures_per_minute);
+        self.accounts.set_limits(auth_limits(new));
         let old = &self.config;
         [
             ("mode", old.mode != new.mode),
@@ -182,6 +181,7 @@ impl App {
             ("database", differs(&old.database, &new.database)),
             ("auth.jwt_secret", old.auth.jwt_secret != new.auth.jwt_secret),
             ("auth.token_ttl_s", old.auth.token_ttl_s != new.auth.token_ttl_s),
+            ("auth.client_address_header", old.auth.client_address_header != new.auth.client_address_header),
             ("ws", differs(&old.ws, &new.ws)),
             ("delivery", differs(&old.delivery, &new.delivery)),
             ("log.format", old.log.format != new.log.format),
@@ -194,6 +194,14 @@ impl App {
 
     pub fn delivery_enqueue_timeout(&self) -> Duration {
         self.delivery.enqueue_timeout()
+    }
+}
+
+fn auth_limits(config: &Config) -> AuthLimits {
+    AuthLimits {
+        failures_per_user: config.auth.max_login_failures_per_minute,
+        failures_per_address: config.auth.max_login_failures_per_address_per_minute,
+        registrations_per_address: config.auth.max_registrations_per_address_per_minute,
     }
 }
 
@@ -270,6 +278,8 @@ pub async fn run_parts(
     let router = crate::http::router_for(app.clone(), parts);
     let timeout = Duration::from_millis(app.config.server.shutdown_timeout_ms);
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    // The peer's address feeds the per-address login and registration limits.
+    let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let serve = axum::serve(no_delay(listener), router).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = stopping_tx.send(());
@@ -295,13 +305,15 @@ pub async fn run_parts(
 
 /// Accepted sockets with Nagle's algorithm off: pushes are small frames that
 /// must leave at once, not wait for the peer's delayed ACK (up to 40 ms).
-pub(crate) fn no_delay(listener: TcpListener) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+/// (A nameable type, so that axum can hand handlers the peer's address.)
+pub(crate) fn no_delay(listener: TcpListener) -> axum::serve::TapIo<TcpListener, fn(&mut tokio::net::TcpStream)> {
     use axum::serve::ListenerExt;
-    listener.tap_io(|socket| {
+    fn set_nodelay(socket: &mut tokio::net::TcpStream) {
         if let Err(e) = socket.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-    })
+    }
+    listener.tap_io(set_nodelay as fn(&mut tokio::net::TcpStream))
 }
 
 /// The configured secret, or (development only) one generated on first start

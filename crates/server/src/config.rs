@@ -73,8 +73,19 @@ pub struct AuthConfig {
     /// HS256 secret, at least 32 bytes. Required in production mode.
     pub jwt_secret: String,
     pub token_ttl_s: u64,
-    /// Failed logins for one username per minute before further attempts get 429.
+    /// Failed logins for one username per minute before further attempts
+    /// get 429 (0: no limit).
     pub max_login_failures_per_minute: u32,
+    /// Failed logins from one client address per minute, whatever the
+    /// usernames, before further attempts get 429 (0: no limit).
+    pub max_login_failures_per_address_per_minute: u32,
+    /// Registrations from one client address per minute (0: no limit).
+    pub max_registrations_per_address_per_minute: u32,
+    /// The request header that carries the client's address when every
+    /// request comes through a reverse proxy that sets it (e.g.
+    /// `x-forwarded-for`, whose last entry is used: the one the proxy
+    /// added). Empty: the TCP peer's address.
+    pub client_address_header: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -279,7 +290,14 @@ impl Default for DatabaseConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { jwt_secret: String::new(), token_ttl_s: 7 * 24 * 3600, max_login_failures_per_minute: 10 }
+        Self {
+            jwt_secret: String::new(),
+            token_ttl_s: 7 * 24 * 3600,
+            max_login_failures_per_minute: 10,
+            max_login_failures_per_address_per_minute: 100,
+            max_registrations_per_address_per_minute: 60,
+            client_address_header: String::new(),
+        }
     }
 }
 
@@ -337,6 +355,10 @@ impl Config {
         }
         if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < 32 {
             return fail("auth.jwt_secret", "must be at least 32 bytes");
+        }
+        let header = &self.auth.client_address_header;
+        if !header.is_empty() && axum::http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+            return fail("auth.client_address_header", "must be an HTTP header name such as x-forwarded-for");
         }
         if self.auth.token_ttl_s == 0 {
             return fail("auth.token_ttl_s", "must be positive");

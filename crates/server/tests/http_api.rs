@@ -144,6 +144,60 @@ async fn failed_logins_are_rate_limited() {
     s.stop().await;
 }
 
+/// Registers (or, with `password`, logs in) as `name` from `from` through
+/// the proxy header the server is configured to trust. Returns the status.
+async fn auth_from(s: &TestServer, from: &str, path: &str, name: &str, password: &str) -> u16 {
+    let body = json!({ "username": name, "password": password });
+    let resp = reqwest::Client::new()
+        .post(format!("{}{path}", s.base))
+        .header("x-forwarded-for", from)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    resp.status().as_u16()
+}
+
+#[tokio::test]
+async fn logins_and_registrations_are_limited_per_client_address() {
+    let mut config = common::test_config(None);
+    config.auth.max_registrations_per_address_per_minute = 2;
+    config.auth.max_login_failures_per_address_per_minute = 3;
+    config.auth.client_address_header = "x-forwarded-for".into();
+    let s = TestServer::start_with(config).await;
+    // The proxy's entry (the last one) names the client; what the client
+    // wrote in front of it does not.
+    let a = "203.0.113.9, 10.0.0.1";
+    assert_eq!(auth_from(&s, a, "/register", "first", PASSWORD).await, 200);
+    assert_eq!(auth_from(&s, "10.0.0.1", "/register", "first", PASSWORD).await, 409, "a taken name is not counted");
+    assert_eq!(auth_from(&s, "198.51.100.1, 10.0.0.1", "/register", "second", PASSWORD).await, 200);
+    assert_eq!(auth_from(&s, "10.0.0.1", "/register", "third", PASSWORD).await, 429);
+    assert_eq!(auth_from(&s, "10.0.0.2", "/register", "third", PASSWORD).await, 200, "another address is not");
+    // Failed logins count per address whatever the usernames; successful ones do not.
+    assert_eq!(auth_from(&s, "10.0.0.1", "/login", "first", PASSWORD).await, 200);
+    for name in ["nobody-1", "nobody-2", "first"] {
+        assert_eq!(auth_from(&s, "10.0.0.1", "/login", name, "wrong-password").await, 401);
+    }
+    assert_eq!(auth_from(&s, "10.0.0.1", "/login", "nobody-3", "wrong-password").await, 429);
+    assert_eq!(auth_from(&s, "10.0.0.1", "/login", "second", PASSWORD).await, 429, "the address waits it out");
+    assert_eq!(auth_from(&s, "10.0.0.2", "/login", "second", PASSWORD).await, 200);
+    // IPv6 clients count per /64.
+    assert_eq!(auth_from(&s, "2001:db8::1", "/register", "v6-a", PASSWORD).await, 200);
+    assert_eq!(auth_from(&s, "2001:db8::2", "/register", "v6-b", PASSWORD).await, 200);
+    assert_eq!(auth_from(&s, "2001:db8::3", "/register", "v6-c", PASSWORD).await, 429);
+    s.stop().await;
+
+    // Without a proxy header the TCP peer is the client.
+    let mut config = common::test_config(None);
+    config.auth.max_registrations_per_address_per_minute = 1;
+    let s = TestServer::start_with(config).await;
+    let anon = s.anon();
+    anon.register("peer-one", PASSWORD, None).await.unwrap();
+    let msg = expect_code(anon.register("peer-two", PASSWORD, None).await, 429);
+    assert!(msg.contains("address"), "{msg}");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn direct_rooms_are_unique_per_pair() {
     let s = TestServer::start().await;

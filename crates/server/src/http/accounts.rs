@@ -1,16 +1,24 @@
 use axum::extract::State;
 use stacker_proto::http::*;
 
-use super::extract::{ok, ApiResult, Body, Caller};
+use super::extract::{ok, ApiResult, Body, Caller, ClientAddress};
 use super::AppState;
 
-pub async fn register(State(app): State<AppState>, Body(req): Body<RegisterRequest>) -> ApiResult<RegisterResponse> {
-    let user_id = app.accounts.register(&req.username, &req.password, req.nickname.as_deref()).await?;
+pub async fn register(
+    State(app): State<AppState>,
+    ClientAddress(from): ClientAddress,
+    Body(req): Body<RegisterRequest>,
+) -> ApiResult<RegisterResponse> {
+    let user_id = app.accounts.register(&req.username, &req.password, req.nickname.as_deref(), from).await?;
     ok(RegisterResponse { user_id: user_id.into() })
 }
 
-pub async fn login(State(app): State<AppState>, Body(req): Body<LoginRequest>) -> ApiResult<LoginResponse> {
-    let t = app.accounts.login(&req.username, &req.password).await?;
+pub async fn login(
+    State(app): State<AppState>,
+    ClientAddress(from): ClientAddress,
+    Body(req): Body<LoginRequest>,
+) -> ApiResult<LoginResponse> {
+    let t = app.accounts.login(&req.username, &req.password, from).await?;
     ok(LoginResponse { token: t.token, user_id: t.user_id.into(), expires_at: t.expires_at })
 }
 

@@ -1,8 +1,12 @@
 //! Extractors whose failures are envelopes, and the `ok` response.
 
-use axum::extract::{FromRequest, FromRequestParts, Query};
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Query};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use axum::http::HeaderMap;
 use axum::Json;
 use serde::Serialize;
 use stacker_domain::model::UserId;
@@ -29,14 +33,42 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
-        let token = bearer_token(parts)
+        let token = bearer_token(&parts.headers)
             .ok_or_else(|| ApiError(Error::Unauthorized("missing Authorization: Bearer token".into())))?;
         Ok(Caller(app.accounts.authenticate(token)?))
     }
 }
 
-pub fn bearer_token(parts: &Parts) -> Option<&str> {
-    let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
+/// The client's address, for per-address limits: the TCP peer, or the
+/// configured proxy header's last entry. An IPv6 address stands for its /64,
+/// which one host usually has whole.
+pub struct ClientAddress(pub Option<IpAddr>);
+
+impl FromRequestParts<AppState> for ClientAddress {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Infallible> {
+        let header = app.config.auth.client_address_header.as_str();
+        let forwarded = (!header.is_empty())
+            .then(|| parts.headers.get_all(header).iter().next_back())
+            .flatten()
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.rsplit(',').next())
+            .and_then(|last| last.trim().parse::<IpAddr>().ok());
+        let peer = || parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip());
+        Ok(ClientAddress(forwarded.or_else(peer).map(address_key)))
+    }
+}
+
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(v6.to_bits() & !((1u128 << 64) - 1))),
+        v4 => v4,
+    }
+}
+
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
