@@ -69,8 +69,11 @@ impl Dialer {
             .map(|(id, token)| {
                 let client = &client;
                 async move {
-                    let gw =
-                        client.available_gateway(*id).await.with_context(|| format!("registry: gateway for {id}"))?;
+                    let gw = client
+                        .with_token(token.clone(), *id)
+                        .available_gateway()
+                        .await
+                        .with_context(|| format!("registry: gateway for {id}"))?;
                     anyhow::Ok((token.clone(), gw.ws_url))
                 }
             })

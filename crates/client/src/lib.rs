@@ -121,10 +121,15 @@ impl Client {
             .ok_or_else(|| ClientError::Protocol(format!("{path}: no data")))
     }
 
-    /// Distributed mode, on a client whose base URL is the registry: the
-    /// gateway `user` should connect to.
-    pub async fn available_gateway(&self, user: Id) -> Result<AvailableGatewayResponse> {
-        self.get(&format!("/registry/gateway/available?user_id={user}")).await
+    /// Distributed mode, on a client whose base URL is the registry (see
+    /// [`Client::rebase`]): the gateway to connect to. A logged-in client asks
+    /// for its own user (the gateway it is already on, or was on a moment
+    /// ago); an anonymous one gets the least-loaded gateway.
+    pub async fn available_gateway(&self) -> Result<AvailableGatewayResponse> {
+        match self.user_id {
+            Some(user) => self.get(&format!("/registry/gateway/available?user_id={user}")).await,
+            None => self.get("/registry/gateway/available").await,
+        }
     }
 
     pub async fn register(&self, username: &str, password: &str, nickname: Option<&str>) -> Result<Id> {

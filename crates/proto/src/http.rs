@@ -261,8 +261,8 @@ pub struct ChatMessage {
     pub created_at: i64,
 }
 
-/// `GET /registry/gateway/available?user_id=` (distributed mode): where the
-/// user should open their WebSocket.
+/// `GET /registry/gateway/available[?user_id=]` (distributed mode): where
+/// the user should open their WebSocket.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AvailableGatewayResponse {
     pub gateway_id: String,

@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use axum::{middleware, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use stacker_domain::auth::Tokens;
 use stacker_domain::cluster::{GatewayInfo, Registry};
 use stacker_domain::delivery::remote::{reclaim_dead, relay};
 use stacker_domain::{monitor, Error};
@@ -322,6 +323,8 @@ async fn serve_flusher(
 struct RegistryState {
     redis: RedisCluster,
     config: Config,
+    /// Checks the user tokens of `gateway/available` calls that name a user.
+    tokens: Tokens,
 }
 
 type Shared = Arc<RegistryState>;
@@ -391,12 +394,30 @@ struct AvailableQuery {
     user_id: Option<Id>,
 }
 
-/// Public: where a client should connect.
+/// Public: where a client should connect. Anyone may ask for the
+/// least-loaded gateway; the gateway a user is already on (or leased) goes
+/// only to that user's own token, since it tells whether they are online.
 async fn gateway_available(
     State(s): State<Shared>,
+    headers: axum::http::HeaderMap,
     crate::http::Params(q): crate::http::Params<AvailableQuery>,
 ) -> ApiResult<stacker_proto::http::AvailableGatewayResponse> {
-    match s.redis.pick_gateway(q.user_id.map(|id| id.0)).await? {
+    let caller = match crate::http::bearer_token(&headers) {
+        Some(token) => Some(s.tokens.verify(token)?),
+        None => None,
+    };
+    let user = match (q.user_id, caller) {
+        (Some(asked), Some(me)) if asked.0 != me => {
+            return Err(ApiError(Error::Forbidden("user_id must be the token's own user".into())));
+        }
+        (Some(_), None) => {
+            return Err(ApiError(Error::Unauthorized(
+                "asking for a user's gateway needs that user's Authorization: Bearer token".into(),
+            )));
+        }
+        (_, me) => me,
+    };
+    match s.redis.pick_gateway(user).await? {
         Some(gw) => ok(stacker_proto::http::AvailableGatewayResponse { gateway_id: gw.id, ws_url: gw.ws_url }),
         None => Err(ApiError(Error::Unavailable("no gateway with free capacity is alive".into()))),
     }
@@ -519,7 +540,8 @@ async fn serve_registry_routes(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     crate::telemetry::prometheus();
-    let state = Arc::new(RegistryState { redis, config });
+    let tokens = Tokens::new(config.auth.jwt_secret.as_bytes(), config.auth.token_ttl_s);
+    let state = Arc::new(RegistryState { redis, config, tokens });
     let mut router = Router::new()
         .route("/ping", get(|| async { ok("pong") }))
         .route("/healthz", get(|| async { ok(json!({ "status": "alive" })) }))

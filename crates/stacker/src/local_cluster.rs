@@ -88,7 +88,7 @@ pub async fn run(
     // it; "up" means the registry can already place a user.
     let registry = stacker_client::Client::new(format!("http://127.0.0.1:{registry_port}"));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while registry.available_gateway(stacker_proto::Id(1)).await.is_err() {
+    while registry.available_gateway().await.is_err() {
         if Instant::now() > deadline {
             stop_all(&mut members);
             anyhow::bail!("no gateway registered with the registry within 60 s");
@@ -100,7 +100,9 @@ pub async fn run(
         println!("  {:<9} http://127.0.0.1:{}", m.role, m.port);
     }
     println!("clients: log in at meta, send at any send instance, ask the registry where to connect:");
-    println!("  curl 'http://127.0.0.1:{registry_port}/registry/gateway/available?user_id=<id>'");
+    println!(
+        "  curl -H 'Authorization: Bearer <token>' 'http://127.0.0.1:{registry_port}/registry/gateway/available?user_id=<id>'"
+    );
 
     // Stop on signal, or when any member dies on its own.
     let watch = async {

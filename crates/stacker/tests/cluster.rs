@@ -131,9 +131,10 @@ impl Cluster {
         self.procs[i].url()
     }
 
-    /// Asks the registry where `user` should connect: (gateway id, WebSocket URL).
-    async fn available(&self, user: Id) -> Result<(String, String), stacker_client::ClientError> {
-        let gw = Client::new(&self.registry).available_gateway(user).await?;
+    /// Asks the registry, with the user's token, where `user` should connect:
+    /// (gateway id, WebSocket URL).
+    async fn available(&self, user: &Client) -> Result<(String, String), stacker_client::ClientError> {
+        let gw = user.clone().rebase(&self.registry).available_gateway().await?;
         Ok((gw.gateway_id, gw.ws_url))
     }
 
@@ -242,17 +243,34 @@ async fn end_to_end(kind: DbKind) {
     let mut users = Vec::new();
     let mut sockets = Vec::new();
     let mut placed: HashMap<String, usize> = HashMap::new();
+    let mut first_gateway = String::new();
     for i in 0..6 {
         let name = format!("u{i}-{}", free_port());
         anon.register(&name, "correct horse", None).await.unwrap();
         let user = anon.login(&name, "correct horse").await.unwrap();
-        let (gateway, ws_url) = c.available(user.user_id()).await.unwrap();
+        let (gateway, ws_url) = c.available(&user).await.unwrap();
+        if i == 0 {
+            first_gateway = gateway.clone();
+        }
         *placed.entry(gateway).or_default() += 1;
         sockets.push(user.connect_gateway(&ws_url, "d").await.unwrap());
         users.push(user);
         tokio::time::sleep(Duration::from_millis(450)).await;
     }
     assert_eq!(placed.len(), 2, "the registry spreads users over both gateways: {placed:?}");
+
+    // A connected user is sent back to their own gateway, but only their own
+    // token may ask where a named user is (the answer shows they are online);
+    // anyone may ask for the least-loaded gateway.
+    assert_eq!(c.available(&users[0]).await.unwrap().0, first_gateway);
+    let registry = Client::new(&c.registry);
+    let named = format!("/registry/gateway/available?user_id={}", users[0].user_id());
+    let anonymous = registry.call::<(), Value>(reqwest::Method::GET, &named, None).await.unwrap_err();
+    assert_eq!(anonymous.code(), 401, "{anonymous}");
+    let someone_else = users[1].clone().rebase(&c.registry);
+    let err = someone_else.call::<(), Value>(reqwest::Method::GET, &named, None).await.unwrap_err();
+    assert_eq!(err.code(), 403, "{err}");
+    assert!(registry.available_gateway().await.is_ok());
     let offline_name = format!("late-{}", free_port());
     anon.register(&offline_name, "correct horse", None).await.unwrap();
     let offline = anon.login(&offline_name, "correct horse").await.unwrap();
@@ -277,7 +295,7 @@ async fn end_to_end(kind: DbKind) {
     assert_eq!(collect(&mut sockets[5], direct, 1).await, vec![1]);
 
     // The offline user catches up on login, in order.
-    let (_, ws_url) = c.available(offline.user_id()).await.unwrap();
+    let (_, ws_url) = c.available(&offline).await.unwrap();
     let mut late = offline.connect_gateway(&ws_url, "d").await.unwrap();
     assert!(in_order(&collect(&mut late, room, 40).await, 1));
 
@@ -404,7 +422,7 @@ async fn end_to_end(kind: DbKind) {
             // Reconnect where the registry says (a dead gateway leaves the ranking).
             let deadline = Instant::now() + Duration::from_secs(15);
             let ws_url = loop {
-                if let Ok((gw, url)) = c.available(user.user_id()).await {
+                if let Ok((gw, url)) = c.available(user).await {
                     if gw != victim_id {
                         break url;
                     }
@@ -500,13 +518,7 @@ async fn the_cluster_command_runs_a_working_cluster() {
     let carol = anon.login("carol", "correct horse").await.unwrap();
     let dave = anon.login("dave", "correct horse").await.unwrap();
     let room = carol.create_direct(dave.user_id()).await.unwrap();
-    let body: Value = reqwest::get(format!("{registry}/registry/gateway/available?user_id={}", dave.user_id()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ws_url = body["data"]["ws_url"].as_str().expect("a gateway").to_string();
+    let ws_url = dave.clone().rebase(&registry).available_gateway().await.expect("a gateway").ws_url;
     let mut socket = dave.connect_gateway(&ws_url, "d").await.unwrap();
     carol.rebase(&send).send_text(room, "through the cluster").await.unwrap();
     assert_eq!(collect(&mut socket, room, 1).await, vec![1]);
@@ -570,7 +582,7 @@ async fn a_redis_restart_loses_nothing() {
     for name in ["erin", "frank"] {
         anon.register(name, "correct horse", None).await.unwrap();
         let user = anon.login(name, "correct horse").await.unwrap();
-        let (_, ws_url) = c.available(user.user_id()).await.unwrap();
+        let (_, ws_url) = c.available(&user).await.unwrap();
         sockets.push(user.connect_gateway(&ws_url, "d").await.unwrap());
         users.push(user);
     }

@@ -3,7 +3,7 @@
 
 mod accounts;
 mod extract;
-pub(crate) use extract::{done, ok, ApiResult, Body, Params};
+pub(crate) use extract::{bearer_token, done, ok, ApiResult, Body, Params};
 pub(crate) use ops::metrics;
 mod messages;
 mod ops;
