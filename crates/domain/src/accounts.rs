@@ -4,10 +4,11 @@ use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moka::ops::compute::Op;
 use moka::sync::Cache;
+use moka::Expiry;
 
 use crate::auth::{hash_password, verify_password, Tokens};
 use crate::clock::now_ms;
@@ -87,24 +88,25 @@ impl Accounts {
             return Err(Error::conflict("username is taken"));
         }
         // Counted once the request is valid and about to be hashed; taken back
-        // if the account is not created.
+        // only if no hashing happened (no slot free). A registration that
+        // loses a race for its name after hashing still counts: otherwise a
+        // burst for one name would hash many times for one count.
         let attempt = self.registrations_by_address.admit(from);
         if attempt == Admission::Refused {
             return Err(Error::RateLimited("too many registrations from this address; wait a minute".into()));
         }
-        let created = self.create_user(username, password, nickname).await;
-        if created.is_err() {
-            self.registrations_by_address.take_back(from, attempt);
-        }
-        created
-    }
-
-    async fn create_user(&self, username: String, password: &str, nickname: String) -> Result<UserId> {
+        let password_hash = match hash_password(password.to_string()).await {
+            Ok(hash) => hash,
+            Err(e) => {
+                self.registrations_by_address.take_back(from, attempt);
+                return Err(e);
+            }
+        };
         let user = User {
             id: self.ids.next_id(),
             nickname: if nickname.is_empty() { username.clone() } else { nickname },
             username,
-            password_hash: hash_password(password.to_string()).await?,
+            password_hash,
             created_at: now_ms(),
         };
         self.store.insert_user(&user).await.map_err(|e| match e {
@@ -123,7 +125,9 @@ impl Accounts {
         if by_address == Admission::Refused {
             return Err(Error::RateLimited("too many failed logins from this address; wait a minute".into()));
         }
-        let key = Some(username.trim().to_ascii_lowercase());
+        // Names that cannot exist are counted per address only (and never
+        // become large keys).
+        let key = validate::username(username).ok();
         let by_user = self.failures_by_user.admit(key.clone());
         if by_user == Admission::Refused {
             self.failures_by_address.take_back(from, by_address);
@@ -176,17 +180,33 @@ enum Admission {
     Refused,
 }
 
-/// Attempts per key over the last minute (bounded, expiring), counted before
-/// the work so that a burst sent all at once is counted too.
+/// Attempts per key in a fixed window (a minute) that starts with the key's
+/// first attempt, counted before the work so that a burst sent all at once
+/// is counted too. Bounded and expiring.
 struct AttemptWindow<K> {
     counts: Cache<K, u32>,
     /// 0: no limit. Changeable while running.
     limit: AtomicU32,
 }
 
+/// Ends a key's window a fixed time after its first attempt. (A time to
+/// live would restart at every write, so an address that kept trying, even
+/// slowly or successfully, would never see its count reset.)
+struct FixedWindow(Duration);
+
+impl<K, V> Expiry<K, V> for FixedWindow {
+    fn expire_after_create(&self, _: &K, _: &V, _: Instant) -> Option<Duration> {
+        Some(self.0)
+    }
+}
+
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> AttemptWindow<K> {
     fn new(limit: u32) -> Self {
-        let counts = Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build();
+        Self::with_window(limit, Duration::from_secs(60))
+    }
+
+    fn with_window(limit: u32, window: Duration) -> Self {
+        let counts = Cache::builder().max_capacity(100_000).expire_after(FixedWindow(window)).build();
         Self { counts, limit: AtomicU32::new(limit) }
     }
 
@@ -217,5 +237,36 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> AttemptWindow<K> {
             Some(n) if n > 1 => Op::Put(n - 1),
             _ => Op::Remove,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_ends_on_time_however_often_its_key_keeps_trying() {
+        let window = AttemptWindow::with_window(2, Duration::from_millis(400));
+        let key = || Some("10.0.0.1".to_string());
+        let started = Instant::now();
+        assert_eq!(window.admit(key()), Admission::Counted);
+        assert_eq!(window.admit(key()), Admission::Counted);
+        // Refused attempts and successes (taken back) while the window runs
+        // do not move its end.
+        while started.elapsed() < Duration::from_millis(300) {
+            assert_eq!(window.admit(key()), Admission::Refused);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        window.take_back(key(), Admission::Counted);
+        assert_eq!(window.admit(key()), Admission::Counted, "a success's place is free again");
+        assert_eq!(window.admit(key()), Admission::Refused);
+        std::thread::sleep(Duration::from_millis(400).saturating_sub(started.elapsed()) + Duration::from_millis(50));
+        assert_eq!(window.admit(key()), Admission::Counted, "a new window");
+        assert_eq!(window.admit(key()), Admission::Counted);
+        assert_eq!(window.admit(key()), Admission::Refused);
+        // No key or no limit: nothing counted.
+        assert_eq!(window.admit(None), Admission::Free);
+        window.set_limit(0);
+        assert_eq!(window.admit(key()), Admission::Free);
     }
 }

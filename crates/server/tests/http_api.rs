@@ -185,6 +185,15 @@ async fn logins_and_registrations_are_limited_per_client_address() {
     assert_eq!(auth_from(&s, "2001:db8::1", "/register", "v6-a", PASSWORD).await, 200);
     assert_eq!(auth_from(&s, "2001:db8::2", "/register", "v6-b", PASSWORD).await, 200);
     assert_eq!(auth_from(&s, "2001:db8::3", "/register", "v6-c", PASSWORD).await, 429);
+    assert_eq!(auth_from(&s, "[2001:db8:0:1::3]:443", "/register", "v6-c", PASSWORD).await, 200, "another /64");
+    assert_eq!(auth_from(&s, "192.0.2.7:5555", "/register", "with-port", PASSWORD).await, 200);
+    assert_eq!(auth_from(&s, "192.0.2.7", "/register", "same-host", PASSWORD).await, 200);
+    assert_eq!(auth_from(&s, "192.0.2.7", "/register", "third-time", PASSWORD).await, 429);
+    // A request without the header (or with garbage in it) is the TCP peer's.
+    let anon = s.anon();
+    anon.register("peer-one", PASSWORD, None).await.unwrap();
+    assert_eq!(auth_from(&s, "not an address", "/register", "peer-two", PASSWORD).await, 200);
+    expect_code(anon.register("peer-three", PASSWORD, None).await, 429);
     s.stop().await;
 
     // Without a proxy header the TCP peer is the client.

@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Query};
 use axum::http::header::AUTHORIZATION;
@@ -49,15 +50,26 @@ impl FromRequestParts<AppState> for ClientAddress {
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Infallible> {
         let header = app.config.auth.client_address_header.as_str();
-        let forwarded = (!header.is_empty())
-            .then(|| parts.headers.get_all(header).iter().next_back())
-            .flatten()
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.rsplit(',').next())
-            .and_then(|last| last.trim().parse::<IpAddr>().ok());
+        let given = (!header.is_empty()).then(|| parts.headers.get_all(header).iter().next_back()).flatten();
+        let forwarded = given.and_then(|value| value.to_str().ok()?.rsplit(',').next().and_then(parse_address));
+        if given.is_some() && forwarded.is_none() && !UNREADABLE_HEADER_LOGGED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(header, "the client address header holds no address; using the TCP peer's (logged once)");
+        }
         let peer = || parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip());
         Ok(ClientAddress(forwarded.or_else(peer).map(address_key)))
     }
+}
+
+static UNREADABLE_HEADER_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// `1.2.3.4`, `2001:db8::1`, `[2001:db8::1]`, and either with a `:port`.
+fn parse_address(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| entry.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
 }
 
 fn address_key(ip: IpAddr) -> IpAddr {
