@@ -96,7 +96,8 @@ pub struct Event {
     /// Who did it, when someone did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor_id: Option<Id>,
-    /// Kind-specific detail: `role`, `until`, `nickname`, `request_id`, `message`.
+    /// Kind-specific detail: `role`, `until`, `nickname`, `request_id`,
+    /// `message`, `user_ids` (`members_joined`).
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub data: serde_json::Value,
 }

@@ -394,9 +394,10 @@ struct AvailableQuery {
     user_id: Option<Id>,
 }
 
-/// Public: where a client should connect. Anyone may ask for the
-/// least-loaded gateway; the gateway a user is already on (or leased) goes
-/// only to that user's own token, since it tells whether they are online.
+/// Public: where a client should connect. Anyone gets the least-loaded
+/// gateway; the gateway a user is already on (or leased) goes only to that
+/// user's own token, since it tells whether they are online. Without a
+/// token `user_id` is ignored (GoStacker's clients send it without one).
 async fn gateway_available(
     State(s): State<Shared>,
     headers: axum::http::HeaderMap,
@@ -406,18 +407,12 @@ async fn gateway_available(
         Some(token) => Some(s.tokens.verify(token)?),
         None => None,
     };
-    let user = match (q.user_id, caller) {
-        (Some(asked), Some(me)) if asked.0 != me => {
+    if let (Some(asked), Some(me)) = (q.user_id, caller) {
+        if asked.0 != me {
             return Err(ApiError(Error::Forbidden("user_id must be the token's own user".into())));
         }
-        (Some(_), None) => {
-            return Err(ApiError(Error::Unauthorized(
-                "asking for a user's gateway needs that user's Authorization: Bearer token".into(),
-            )));
-        }
-        (_, me) => me,
-    };
-    match s.redis.pick_gateway(user).await? {
+    }
+    match s.redis.pick_gateway(caller).await? {
         Some(gw) => ok(stacker_proto::http::AvailableGatewayResponse { gateway_id: gw.id, ws_url: gw.ws_url }),
         None => Err(ApiError(Error::Unavailable("no gateway with free capacity is alive".into()))),
     }

@@ -77,6 +77,18 @@ async fn expect_error(socket: &mut Socket) -> (u16, String) {
 }
 
 /// The next `event` frame.
+/// Reads until the message `seq` arrives; panics on any event frame before it.
+async fn no_event_before(socket: &mut Socket, seq: i64) {
+    loop {
+        match socket.next_frame_within(WAIT).await.unwrap().expect("the message") {
+            ServerFrame::Event(e) => panic!("unexpected event before seq {seq}: {e:?}"),
+            ServerFrame::Chat(m) if m.seq == seq => return,
+            ServerFrame::Batch { messages } if messages.iter().any(|m| m.seq == seq) => return,
+            _ => {}
+        }
+    }
+}
+
 async fn next_event(socket: &mut Socket) -> stacker_proto::ws::Event {
     loop {
         if let ServerFrame::Event(e) = socket.next_frame_within(WAIT).await.unwrap().expect("event frame") {
@@ -481,14 +493,8 @@ async fn membership_changes_and_join_requests_are_events() {
     expected.sort();
     assert_eq!(named, expected);
     let sent = owner.send_text(room, "welcome both").await.unwrap();
-    loop {
-        match owner_socket.next_frame_within(WAIT).await.unwrap().expect("the message") {
-            ServerFrame::Event(e) => panic!("one event per call, got another: {e:?}"),
-            ServerFrame::Chat(m) if m.seq == sent.seq => break,
-            ServerFrame::Batch { messages } if messages.iter().any(|m| m.seq == sent.seq) => break,
-            _ => {}
-        }
-    }
+    no_event_before(&mut owner_socket, sent.seq).await; // one event per call
+    no_event_before(&mut dave_socket, sent.seq).await; // newcomers hear only room_joined
     s.stop().await;
 }
 
