@@ -144,7 +144,8 @@ impl Messages {
         if message.sender_id != actor {
             return Err(Error::forbidden("only the message's sender may resend it"));
         }
-        self.rooms.require_member(message.room_id, actor).await?;
+        // A push to every member, like a send: not while muted.
+        self.rooms.require_sender(message.room_id, actor).await?;
         self.fanout.message_stored(&message, true).await;
         Ok(message)
     }

@@ -289,9 +289,17 @@ impl Rooms {
         Ok(())
     }
 
+    /// A change every member hears of, so a muted member may not make it
+    /// (nor repeat an unchanged name to the room).
     pub async fn change_nickname(&self, actor: UserId, room_id: RoomId, nickname: &str) -> Result<()> {
-        self.require_member(room_id, actor).await?;
+        let me = self.require_member(room_id, actor).await?;
         let nickname = validate::short_text("nickname", nickname, validate::NICKNAME_MAX, false)?;
+        if me.mute_until > now_ms() {
+            return Err(Error::forbidden(format!("you are muted in this room until {}", me.mute_until)));
+        }
+        if me.nickname == nickname {
+            return Ok(());
+        }
         self.store.update_member(room_id, actor, &MemberChange::Nickname(nickname.clone())).await?;
         self.announce(room_id, EventKind::NicknameChanged, actor, actor, json!({ "nickname": nickname })).await
     }

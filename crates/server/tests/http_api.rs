@@ -270,6 +270,14 @@ async fn group_roles_and_permissions() {
     let retried = member.send(room, Content::text("sent"), Some("before-mute")).await.unwrap();
     assert_eq!((retried.msg_id, retried.seq), (before_mute.msg_id, before_mute.seq));
     assert!(expect_code(member.send(room, Content::text("new"), Some("after-mute")).await, 403).contains("muted"));
+    // Nor may a muted member reach the room another way: a nickname change
+    // (announced to all) or a resend (pushed to all).
+    expect_code(member.change_nickname(room, "loud").await, 403);
+    expect_code(member.resend(before_mute.msg_id).await, 403);
+    // Leaving and rejoining (the room is open) does not end a mute.
+    member.leave(room).await.unwrap();
+    member.join(room).await.unwrap();
+    assert!(expect_code(member.send_text(room, "hi").await, 403).contains("muted"));
     admin.mute_member(room, member.user_id(), 0).await.unwrap();
     member.send_text(room, "hi").await.unwrap();
     let muted = owner.members(room).await.unwrap();

@@ -95,7 +95,31 @@ async fn insert_members_if_absent(
     let added: Vec<(RoomId, UserId)> =
         unique.iter().map(|m| (m.room_id, m.user_id)).filter(|p| inserted.contains(p)).collect();
     crate::cursors::start_cursors_at_last_seq(conn, dialect, &added).await?;
+    let rooms: HashSet<RoomId> = added.iter().map(|(room, _)| *room).collect();
+    for room in rooms {
+        restore_kept_mutes(conn, dialect, room).await?;
+    }
     Ok(added)
+}
+
+/// Puts the mutes kept when members left back on those who are members of
+/// `room` again, and forgets them.
+async fn restore_kept_mutes(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    room: RoomId,
+) -> std::result::Result<(), sqlx::Error> {
+    let restore = dialect.sql(
+        "UPDATE room_members SET mute_until = (SELECT k.mute_until FROM room_mutes k \
+         WHERE k.room_id = room_members.room_id AND k.user_id = room_members.user_id) \
+         WHERE room_id = ? AND user_id IN (SELECT user_id FROM room_mutes WHERE room_id = ?)",
+    );
+    sqlx::query(&restore).bind(room).bind(room).execute(&mut *conn).await?;
+    let forget = dialect.sql(
+        "DELETE FROM room_mutes WHERE room_id = ? AND user_id IN (SELECT user_id FROM room_members WHERE room_id = ?)",
+    );
+    sqlx::query(&forget).bind(room).bind(room).execute(&mut *conn).await?;
+    Ok(())
 }
 
 fn row_int(row: &sqlx::any::AnyRow, i: usize) -> std::result::Result<i64, sqlx::Error> {
@@ -219,9 +243,24 @@ impl RoomStore for SqlStore {
     async fn remove_member(&self, room: RoomId, user: UserId) -> Result<bool> {
         const OP: &str = "remove_member";
         observe(OP, async {
-            let sql = self.sql("DELETE FROM room_members WHERE room_id = ? AND user_id = ?");
-            let done = sqlx::query(&sql).bind(room).bind(user).execute(&self.pool).await.map_err(|e| map_err(OP, e))?;
-            Ok(affected(&done) > 0)
+            let now = now_ms();
+            let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
+            let result = async {
+                // A mute still running is kept for a rejoin; ended ones of the
+                // room are dropped on the way.
+                let sql = self.sql("DELETE FROM room_mutes WHERE room_id = ? AND (user_id = ? OR mute_until <= ?)");
+                sqlx::query(&sql).bind(room).bind(user).bind(now).execute(&mut *tx).await?;
+                let sql = self.sql(
+                    "INSERT INTO room_mutes (room_id, user_id, mute_until) SELECT room_id, user_id, mute_until \
+                     FROM room_members WHERE room_id = ? AND user_id = ? AND mute_until > ?",
+                );
+                sqlx::query(&sql).bind(room).bind(user).bind(now).execute(&mut *tx).await?;
+                let sql = self.sql("DELETE FROM room_members WHERE room_id = ? AND user_id = ?");
+                let done = sqlx::query(&sql).bind(room).bind(user).execute(&mut *tx).await?;
+                Ok::<_, Fail>(affected(&done) > 0)
+            }
+            .await;
+            finish(tx, result).await.map_err(|f| f.into_error(OP))
         })
         .await
     }

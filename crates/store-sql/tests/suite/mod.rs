@@ -297,6 +297,44 @@ async fn add_and_remove_members(s: DynStore) {
     assert_eq!(s.members(room2.id).await.unwrap().len(), 151);
 }
 
+/// A mute still running when a member leaves (or is removed) comes back
+/// with them, by add_members or an approved join request; one that ended
+/// does not, and one put back is not put back twice.
+async fn mutes_outlast_leaving(s: DynStore) {
+    let owner = make_user(&s, "mu_o").await;
+    let a = make_user(&s, "mu_a").await;
+    let b = make_user(&s, "mu_b").await;
+    let room = make_room(&s, "mutes", owner.id, &[a.id, b.id], 1).await;
+    let later =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 + 3_600_000;
+    let mute_until = |user: UserId| {
+        let s = s.clone();
+        async move { s.member(room.id, user).await.unwrap().expect("a member").mute_until }
+    };
+    s.update_member(room.id, a.id, &MemberChange::MuteUntil(later)).await.unwrap();
+    s.update_member(room.id, b.id, &MemberChange::MuteUntil(5)).await.unwrap(); // long over
+    assert!(s.remove_member(room.id, a.id).await.unwrap());
+    assert!(s.remove_member(room.id, b.id).await.unwrap());
+    assert_eq!(s.add_members(&[Member::new(room.id, a.id, Role::Member, 2)]).await.unwrap(), vec![a.id]);
+    assert_eq!(mute_until(a.id).await, later, "the running mute came back");
+    let request = JoinRequest {
+        id: id(),
+        room_id: room.id,
+        user_id: b.id,
+        message: String::new(),
+        status: JoinRequestStatus::Pending,
+        created_at: 3,
+    };
+    s.insert_join_request(&request).await.unwrap();
+    assert!(s.decide_join_request(request.id, true, Some(&Member::new(room.id, b.id, Role::Member, 3))).await.unwrap());
+    assert_eq!(mute_until(b.id).await, 0, "an ended mute is not kept");
+    // Unmuted after coming back: leaving and rejoining again keeps no mute.
+    s.update_member(room.id, a.id, &MemberChange::MuteUntil(0)).await.unwrap();
+    assert!(s.remove_member(room.id, a.id).await.unwrap());
+    s.add_members(&[Member::new(room.id, a.id, Role::Member, 4)]).await.unwrap();
+    assert_eq!(mute_until(a.id).await, 0);
+}
+
 async fn ownership(s: DynStore) {
     let owner = make_user(&s, "tr_o").await;
     let heir = make_user(&s, "tr_h").await;
@@ -847,6 +885,7 @@ pub async fn run(s: DynStore) -> usize {
         direct_rooms,
         member_updates,
         add_and_remove_members,
+        mutes_outlast_leaving,
         ownership,
         joined_rooms,
         search,
