@@ -25,6 +25,10 @@ const BAD_LOGIN: &str = "invalid username or password";
 pub struct AuthLimits {
     /// Failed logins for one username before further attempts get 429.
     pub failures_per_user: u32,
+    /// Logins for one username, successful or not: each costs an argon2
+    /// check, so one account's password sent in a loop would otherwise
+    /// fill the hashing slots as well as random guesses do.
+    pub logins_per_user: u32,
     /// Failed logins from one client address (any usernames): a flood of
     /// guesses at random names would otherwise fill the hashing slots.
     pub failures_per_address: u32,
@@ -39,6 +43,7 @@ pub struct Accounts {
     /// Verified against when the user does not exist, so both failures cost the same.
     dummy_hash: String,
     failures_by_user: AttemptWindow<String>,
+    logins_by_user: AttemptWindow<String>,
     failures_by_address: AttemptWindow<IpAddr>,
     registrations_by_address: AttemptWindow<IpAddr>,
 }
@@ -58,6 +63,7 @@ impl Accounts {
             tokens,
             dummy_hash,
             failures_by_user: AttemptWindow::new(limits.failures_per_user),
+            logins_by_user: AttemptWindow::new(limits.logins_per_user),
             failures_by_address: AttemptWindow::new(limits.failures_per_address),
             registrations_by_address: AttemptWindow::new(limits.registrations_per_address),
         })
@@ -66,6 +72,7 @@ impl Accounts {
     /// Changeable while running (config reload).
     pub fn set_limits(&self, limits: AuthLimits) {
         self.failures_by_user.set_limit(limits.failures_per_user);
+        self.logins_by_user.set_limit(limits.logins_per_user);
         self.failures_by_address.set_limit(limits.failures_per_address);
         self.registrations_by_address.set_limit(limits.registrations_per_address);
     }
@@ -133,7 +140,17 @@ impl Accounts {
             self.failures_by_address.take_back(from, by_address);
             return Err(Error::RateLimited("too many failed logins for this user; wait a minute".into()));
         }
+        // Every login counts here, and stays counted unless no check ran.
+        let any = self.logins_by_user.admit(key.clone());
+        if any == Admission::Refused {
+            self.failures_by_user.take_back(key, by_user);
+            self.failures_by_address.take_back(from, by_address);
+            return Err(Error::RateLimited("too many logins for this user; wait a minute".into()));
+        }
         let checked = self.check_password(username, password).await;
+        if checked.is_err() {
+            self.logins_by_user.take_back(key.clone(), any);
+        }
         if !matches!(checked, Ok(None)) {
             self.failures_by_user.take_back(key, by_user);
             self.failures_by_address.take_back(from, by_address);

@@ -200,6 +200,7 @@ impl App {
 fn auth_limits(config: &Config) -> AuthLimits {
     AuthLimits {
         failures_per_user: config.auth.max_login_failures_per_minute,
+        logins_per_user: config.auth.max_logins_per_user_per_minute,
         failures_per_address: config.auth.max_login_failures_per_address_per_minute,
         registrations_per_address: config.auth.max_registrations_per_address_per_minute,
     }

@@ -76,6 +76,8 @@ pub struct AuthConfig {
     /// Failed logins for one username per minute before further attempts
     /// get 429 (0: no limit).
     pub max_login_failures_per_minute: u32,
+    /// Logins for one username per minute, successful or not (0: no limit).
+    pub max_logins_per_user_per_minute: u32,
     /// Failed logins from one client address per minute, whatever the
     /// usernames, before further attempts get 429 (0: no limit).
     pub max_login_failures_per_address_per_minute: u32,
@@ -294,6 +296,7 @@ impl Default for AuthConfig {
             jwt_secret: String::new(),
             token_ttl_s: 7 * 24 * 3600,
             max_login_failures_per_minute: 10,
+            max_logins_per_user_per_minute: 30,
             max_login_failures_per_address_per_minute: 100,
             max_registrations_per_address_per_minute: 60,
             client_address_header: String::new(),

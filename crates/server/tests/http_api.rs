@@ -142,6 +142,22 @@ async fn failed_logins_are_rate_limited() {
     assert_eq!(codes.iter().filter(|&&c| c == 401).count(), 3, "{codes:?}");
     assert_eq!(codes.iter().filter(|&&c| c == 429).count(), 9, "{codes:?}");
     s.stop().await;
+
+    // Logins with the right password count too (each is an argon2 check):
+    // one account's password sent in a loop cannot fill the hashing slots.
+    let mut config = common::test_config(None);
+    config.auth.max_logins_per_user_per_minute = 4;
+    let s = TestServer::start_with(config).await;
+    let anon = s.anon();
+    anon.register("busy", PASSWORD, None).await.unwrap();
+    let logins = (0..10).map(|_| anon.login("busy", PASSWORD));
+    let results = futures::future::join_all(logins).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 4);
+    let msg = expect_code(results.into_iter().find(|r| r.is_err()).unwrap(), 429);
+    assert!(msg.contains("too many logins"), "{msg}");
+    anon.register("other", PASSWORD, None).await.unwrap();
+    anon.login("other", PASSWORD).await.unwrap();
+    s.stop().await;
 }
 
 /// Registers (or, with `password`, logs in) as `name` from `from` through
