@@ -223,3 +223,50 @@ fn cli_listen_prints_what_another_user_sends() {
     assert!(server.wait().unwrap().success());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The count of store calls of `op` so far, from the server's /metrics.
+fn store_calls(port: u16, op: &str) -> u64 {
+    let metrics = http_get(port, "/metrics").unwrap();
+    let prefix = format!("stacker_store_seconds_count{{op=\"{op}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// The (room, seq) of the next batch or chat frame.
+async fn replayed(socket: &mut stacker_client::Socket) -> Vec<(stacker_proto::Id, i64)> {
+    use stacker_proto::ws::ServerFrame;
+    let messages = loop {
+        match socket.next_frame_within(Duration::from_secs(10)).await.unwrap().expect("a replay") {
+            ServerFrame::Batch { messages } => break messages,
+            ServerFrame::Chat(m) => break vec![m],
+            _ => {}
+        }
+    };
+    messages.iter().map(|m| (m.room_id, m.seq)).collect()
+}
+
+/// A `sync` naming rooms the user is not in costs one store read for them
+/// all, not one each. (Its own process, so the metrics are this test's.)
+#[tokio::test]
+async fn a_sync_of_other_peoples_rooms_costs_one_read() {
+    use stacker_proto::ws::ClientFrame;
+    let (mut child, port, dir) = start_server();
+    let anon = stacker_client::Client::new(format!("http://127.0.0.1:{port}"));
+    anon.register("syncer", "correct horse", None).await.unwrap();
+    let me = anon.login("syncer", "correct horse").await.unwrap();
+    let room = me.create_group("mine", &[], None).await.unwrap();
+    me.send_text(room, "one").await.unwrap();
+    let mut socket = me.connect("d").await.unwrap();
+    assert_eq!(replayed(&mut socket).await, vec![(room, 1)], "the catch-up on connect");
+    let before = store_calls(port, "member");
+    let mut cursors: std::collections::BTreeMap<_, _> = (1..=999).map(|i| (stacker_proto::Id(i), 0)).collect();
+    cursors.insert(room, 0);
+    socket.send_frame(&ClientFrame::Sync { cursors }).await.unwrap();
+    // The room the user is in is replayed; the 999 others are dropped.
+    assert_eq!(replayed(&mut socket).await, vec![(room, 1)]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reads = store_calls(port, "member") - before;
+    assert!(reads <= 3, "{reads} membership reads for one sync");
+    kill_term(child.id());
+    child.wait().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}

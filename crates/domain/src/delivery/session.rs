@@ -1,7 +1,7 @@
 //! One connection's delivery state: per-room cursors, catch-up from the store,
 //! and the order in which frames are written.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -250,9 +250,19 @@ impl Session {
             // Membership is checked where the store is read (`catch_up_step`),
             // which forgets a room the user is not in.
             Push::Sync(rooms) => {
+                // Rooms the session does not know are checked against the
+                // user's rooms in one read, not one each in the catch-up
+                // step: a sync may name 1,000 rooms the user is not in.
+                let joined: HashSet<RoomId> = if rooms.iter().all(|(room, _)| self.cursors.contains_key(room)) {
+                    HashSet::new()
+                } else {
+                    self.store.joined_rooms(self.handle.user_id).await.map_err(store_close)?.into_iter().collect()
+                };
                 for (room, seq) in *rooms {
-                    self.cursors.insert(room, seq.max(0));
-                    self.catch_up.insert(room);
+                    if self.cursors.contains_key(&room) || joined.contains(&room) {
+                        self.cursors.insert(room, seq.max(0));
+                        self.catch_up.insert(room);
+                    }
                 }
                 metrics::counter!("stacker_catch_ups_total", "why" => "sync").increment(1);
             }
