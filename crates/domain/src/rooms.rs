@@ -346,6 +346,7 @@ impl Rooms {
     /// Joins an open group room.
     pub async fn join(&self, actor: UserId, room_id: RoomId) -> Result<()> {
         let room = self.group_room(room_id).await?;
+        self.require_open_for_joins(&room).await?;
         if self.store.member(room_id, actor).await?.is_some() {
             return Err(Error::conflict("you are already a member of this room"));
         }
@@ -356,9 +357,20 @@ impl Rooms {
         self.announce_joined(room_id, &added, None).await
     }
 
+    /// An owner leaves only as the last member (others need a transfer
+    /// first), so a room whose owner is gone has nobody to moderate it:
+    /// it takes no one in.
+    async fn require_open_for_joins(&self, room: &Room) -> Result<()> {
+        if self.store.member(room.id, room.owner_id).await?.is_none() {
+            return Err(Error::not_found("this room is closed: its owner left it last"));
+        }
+        Ok(())
+    }
+
     pub async fn request_join(&self, actor: UserId, room_id: RoomId, message: Option<&str>) -> Result<i64> {
         let room = self.group_room(room_id).await?;
         let message = validate::short_text("message", message.unwrap_or(""), validate::JOIN_MESSAGE_MAX, false)?;
+        self.require_open_for_joins(&room).await?;
         if self.store.member(room_id, actor).await?.is_some() {
             return Err(Error::conflict("you are already a member of this room"));
         }

@@ -324,6 +324,9 @@ async fn group_roles_and_permissions() {
     expect_code(member.leave(room).await, 403);
     expect_code(member.send_text(room, "still here?").await, 403);
     admin.leave(room).await.unwrap(); // the last member, owner or not, may leave
+                                      // The owner gone, nobody could moderate the room: it takes no one in.
+    expect_code(outsider.join(room).await, 404);
+    expect_code(outsider.request_join(room, None).await, 404);
     s.stop().await;
 }
 
