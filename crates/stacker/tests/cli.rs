@@ -249,7 +249,8 @@ async fn replayed(socket: &mut stacker_client::Socket) -> Vec<(stacker_proto::Id
 #[tokio::test]
 async fn a_sync_of_other_peoples_rooms_costs_one_read() {
     use stacker_proto::ws::ClientFrame;
-    let (mut child, port, dir) = start_server();
+    let (child, port, dir) = start_server();
+    let mut server = StopOnDrop(child);
     let anon = stacker_client::Client::new(format!("http://127.0.0.1:{port}"));
     anon.register("syncer", "correct horse", None).await.unwrap();
     let me = anon.login("syncer", "correct horse").await.unwrap();
@@ -266,7 +267,18 @@ async fn a_sync_of_other_peoples_rooms_costs_one_read() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let reads = store_calls(port, "member") - before;
     assert!(reads <= 3, "{reads} membership reads for one sync");
-    kill_term(child.id());
-    child.wait().unwrap();
+    kill_term(server.0.id());
+    server.0.wait().unwrap();
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Kills the server if the test ends early (a failed assertion), so that no
+/// server outlives its test.
+struct StopOnDrop(std::process::Child);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
