@@ -417,6 +417,8 @@ impl Rooms {
             return Err(Error::conflict("this join request was already answered"));
         }
         let member = approve.then(|| Member::new(request.room_id, request.user_id, Role::Member, now_ms()));
+        // Added meanwhile (by a moderator): approved, but nobody newly joins.
+        let joins = approve && self.store.member(request.room_id, request.user_id).await?.is_none();
         if !self.store.decide_join_request(request_id, approve, member.as_ref()).await? {
             return Err(Error::conflict("this join request was already answered"));
         }
@@ -430,7 +432,7 @@ impl Rooms {
         self.fanout
             .notify(&[request.user_id], Self::event(kind, request.room_id, Some(request.user_id), Some(actor), data))
             .await;
-        if approve {
+        if joins {
             self.announce_joined(request.room_id, &[request.user_id], Some(actor)).await?;
         }
         Ok(request)

@@ -495,6 +495,17 @@ async fn membership_changes_and_join_requests_are_events() {
     let sent = owner.send_text(room, "welcome both").await.unwrap();
     no_event_before(&mut owner_socket, sent.seq).await; // one event per call
     no_event_before(&mut dave_socket, sent.seq).await; // newcomers hear only room_joined
+
+    // A request answered after its sender was added anyway is approved, but
+    // nobody hears of a second join.
+    let frank = s.user("f").await;
+    let request = frank.request_join(room, None).await.unwrap();
+    assert_eq!(next_event(&mut owner_socket).await.kind, EventKind::JoinRequested);
+    owner.add_member(room, frank.user_id()).await.unwrap();
+    assert_eq!(next_event(&mut owner_socket).await.kind, EventKind::MemberJoined);
+    owner.respond_join(request, true).await.unwrap();
+    let sent = owner.send_text(room, "welcome frank").await.unwrap();
+    no_event_before(&mut owner_socket, sent.seq).await;
     s.stop().await;
 }
 
