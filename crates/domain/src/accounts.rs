@@ -1,18 +1,12 @@
 //! Registration, login and token checks.
 
-use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use moka::ops::compute::Op;
-use moka::sync::Cache;
-use moka::Expiry;
 
 use crate::auth::{hash_password, verify_password, Tokens};
 use crate::clock::now_ms;
 use crate::ids::IdGenerator;
+use crate::limits::{Admission, AttemptWindow};
 use crate::model::{User, UserId};
 use crate::store::Store;
 use crate::{validate, Error, Result};
@@ -183,107 +177,5 @@ impl Accounts {
 
     pub async fn user(&self, id: UserId) -> Result<User> {
         self.store.user_by_id(id).await?.ok_or_else(|| Error::not_found("user not found"))
-    }
-}
-
-/// What [`AttemptWindow::admit`] decided.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Admission {
-    /// Let through and counted.
-    Counted,
-    /// Let through without counting: no key, or no limit.
-    Free,
-    /// Over the limit: not counted.
-    Refused,
-}
-
-/// Attempts per key in a fixed window (a minute) that starts with the key's
-/// first attempt, counted before the work so that a burst sent all at once
-/// is counted too. Bounded and expiring.
-struct AttemptWindow<K> {
-    counts: Cache<K, u32>,
-    /// 0: no limit. Changeable while running.
-    limit: AtomicU32,
-}
-
-/// Ends a key's window a fixed time after its first attempt. (A time to
-/// live would restart at every write, so an address that kept trying, even
-/// slowly or successfully, would never see its count reset.)
-struct FixedWindow(Duration);
-
-impl<K, V> Expiry<K, V> for FixedWindow {
-    fn expire_after_create(&self, _: &K, _: &V, _: Instant) -> Option<Duration> {
-        Some(self.0)
-    }
-}
-
-impl<K: Hash + Eq + Clone + Send + Sync + 'static> AttemptWindow<K> {
-    fn new(limit: u32) -> Self {
-        Self::with_window(limit, Duration::from_secs(60))
-    }
-
-    fn with_window(limit: u32, window: Duration) -> Self {
-        let counts = Cache::builder().max_capacity(100_000).expire_after(FixedWindow(window)).build();
-        Self { counts, limit: AtomicU32::new(limit) }
-    }
-
-    fn set_limit(&self, limit: u32) {
-        self.limit.store(limit, Ordering::Relaxed);
-    }
-
-    fn admit(&self, key: Option<K>) -> Admission {
-        let limit = self.limit.load(Ordering::Relaxed);
-        let Some(key) = key.filter(|_| limit > 0) else {
-            return Admission::Free;
-        };
-        let count = self.counts.entry(key.clone()).and_upsert_with(|old| old.map_or(0, |e| e.into_value()) + 1);
-        if count.into_value() > limit {
-            self.take_back(Some(key), Admission::Counted);
-            Admission::Refused
-        } else {
-            Admission::Counted
-        }
-    }
-
-    /// Takes back an attempt `admit` counted (one that did not fail).
-    fn take_back(&self, key: Option<K>, admission: Admission) {
-        let Some(key) = key.filter(|_| admission == Admission::Counted) else {
-            return;
-        };
-        self.counts.entry(key).and_compute_with(|old| match old.map(|e| e.into_value()) {
-            Some(n) if n > 1 => Op::Put(n - 1),
-            _ => Op::Remove,
-        });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_window_ends_on_time_however_often_its_key_keeps_trying() {
-        let window = AttemptWindow::with_window(2, Duration::from_millis(400));
-        let key = || Some("10.0.0.1".to_string());
-        let started = Instant::now();
-        assert_eq!(window.admit(key()), Admission::Counted);
-        assert_eq!(window.admit(key()), Admission::Counted);
-        // Refused attempts and successes (taken back) while the window runs
-        // do not move its end.
-        while started.elapsed() < Duration::from_millis(300) {
-            assert_eq!(window.admit(key()), Admission::Refused);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        window.take_back(key(), Admission::Counted);
-        assert_eq!(window.admit(key()), Admission::Counted, "a success's place is free again");
-        assert_eq!(window.admit(key()), Admission::Refused);
-        std::thread::sleep(Duration::from_millis(400).saturating_sub(started.elapsed()) + Duration::from_millis(50));
-        assert_eq!(window.admit(key()), Admission::Counted, "a new window");
-        assert_eq!(window.admit(key()), Admission::Counted);
-        assert_eq!(window.admit(key()), Admission::Refused);
-        // No key or no limit: nothing counted.
-        assert_eq!(window.admit(None), Admission::Free);
-        window.set_limit(0);
-        assert_eq!(window.admit(key()), Admission::Free);
     }
 }

@@ -14,6 +14,7 @@ mod error;
 pub mod fanout;
 pub mod hot_metric;
 pub mod ids;
+mod limits;
 pub mod membership;
 pub mod messages;
 pub mod model;

@@ -12,6 +12,7 @@ use stacker_proto::Id;
 use crate::clock::now_ms;
 use crate::fanout::Fanout;
 use crate::ids::IdGenerator;
+use crate::limits::{Admission, AttemptWindow};
 use crate::membership::{MemberBrief, MemberCache};
 use crate::model::*;
 use crate::store::Store;
@@ -27,6 +28,18 @@ pub struct Rooms {
     fanout: Arc<dyn Fanout>,
     /// Invalidated here after every membership write (the store first).
     members: Arc<MemberCache>,
+    creations: AttemptWindow<UserId>,
+    searches: AttemptWindow<UserId>,
+}
+
+/// Per-user, per-minute limits on the calls whose cost a user alone
+/// decides; 0 means no limit.
+#[derive(Clone, Copy, Debug)]
+pub struct RoomLimits {
+    /// Each new room can name 1,000 members, each of whom then carries it.
+    pub creations_per_user: u32,
+    /// A search reads every group room's name (a substring match).
+    pub searches_per_user: u32,
 }
 
 pub struct NewRoom<'a> {
@@ -46,8 +59,17 @@ impl Rooms {
         ids: Arc<IdGenerator>,
         fanout: Arc<dyn Fanout>,
         members: Arc<MemberCache>,
+        limits: RoomLimits,
     ) -> Self {
-        Self { store, ids, fanout, members }
+        let creations = AttemptWindow::new(limits.creations_per_user);
+        let searches = AttemptWindow::new(limits.searches_per_user);
+        Self { store, ids, fanout, members, creations, searches }
+    }
+
+    /// Changeable while running (config reload).
+    pub fn set_limits(&self, limits: RoomLimits) {
+        self.creations.set_limit(limits.creations_per_user);
+        self.searches.set_limit(limits.searches_per_user);
     }
 
     pub fn member_cache(&self) -> &Arc<MemberCache> {
@@ -182,6 +204,9 @@ impl Rooms {
     /// Creates a group room (the creator is owner), or returns the one direct
     /// room between the creator and the other user.
     pub async fn create(&self, creator: UserId, req: NewRoom<'_>) -> Result<RoomId> {
+        if self.creations.admit(Some(creator)) == Admission::Refused {
+            return Err(Error::RateLimited("too many rooms created; wait a minute".into()));
+        }
         let others: BTreeSet<UserId> = req.member_ids.iter().copied().filter(|id| *id != creator).collect();
         let now = now_ms();
         if !req.is_group {
@@ -438,11 +463,14 @@ impl Rooms {
         Ok(request)
     }
 
-    pub async fn search(&self, query: &str, limit: Option<u32>) -> Result<Vec<Room>> {
+    pub async fn search(&self, actor: UserId, query: &str, limit: Option<u32>) -> Result<Vec<Room>> {
         let query = validate::short_text("q", query, validate::ROOM_NAME_MAX, true)?;
         let limit = limit.unwrap_or(20);
         if !(1..=SEARCH_LIMIT_MAX).contains(&limit) {
             return Err(Error::bad_request(format!("limit must be 1 to {SEARCH_LIMIT_MAX}")));
+        }
+        if self.searches.admit(Some(actor)) == Admission::Refused {
+            return Err(Error::RateLimited("too many searches; wait a minute".into()));
         }
         self.store.search_rooms(&query, limit).await
     }

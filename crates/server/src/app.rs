@@ -16,7 +16,7 @@ use stacker_domain::fanout::Fanout;
 use stacker_domain::ids::IdGenerator;
 use stacker_domain::membership::MemberCache;
 use stacker_domain::messages::{MessageLimits, Messages};
-use stacker_domain::rooms::Rooms;
+use stacker_domain::rooms::{RoomLimits, Rooms};
 use stacker_domain::store::Store;
 use stacker_redis::RedisCluster;
 use stacker_store_sql::{SqlOptions, SqlStore};
@@ -131,7 +131,7 @@ impl App {
             Some(c) => c.fanout.clone(),
             None => delivery.clone(),
         };
-        let rooms = Arc::new(Rooms::new(store.clone(), ids.clone(), fanout.clone(), members));
+        let rooms = Arc::new(Rooms::new(store.clone(), ids.clone(), fanout.clone(), members, room_limits(&config)));
         let committer = GroupCommitter::start(
             store.clone(),
             fanout.clone(),
@@ -166,12 +166,13 @@ impl App {
     }
 
     /// Applies the keys of `new` that can change while running (messages.*,
-    /// auth.max_*_per_minute; log.level is the caller's, see
+    /// auth.max_*_per_minute, rooms.*; log.level is the caller's, see
     /// [`crate::telemetry::Logging`]). Returns the other keys that differ from
     /// the running config: they take effect after a restart.
     pub fn reload(&self, new: &Config) -> Vec<&'static str> {
         self.messages.set_limits(message_limits(new));
         self.accounts.set_limits(auth_limits(new));
+        self.rooms.set_limits(room_limits(new));
         let old = &self.config;
         [
             ("mode", old.mode != new.mode),
@@ -194,6 +195,13 @@ impl App {
 
     pub fn delivery_enqueue_timeout(&self) -> Duration {
         self.delivery.enqueue_timeout()
+    }
+}
+
+fn room_limits(config: &Config) -> RoomLimits {
+    RoomLimits {
+        creations_per_user: config.rooms.max_creations_per_user_per_minute,
+        searches_per_user: config.rooms.max_searches_per_user_per_minute,
     }
 }
 

@@ -23,6 +23,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     pub messages: MessagesConfig,
+    pub rooms: RoomsConfig,
     pub ws: WsConfig,
     pub delivery: DeliveryConfig,
     pub cluster: ClusterConfig,
@@ -88,6 +89,21 @@ pub struct AuthConfig {
     /// `x-forwarded-for`, whose last entry is used: the one the proxy
     /// added). Empty: the TCP peer's address.
     pub client_address_header: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomsConfig {
+    /// Rooms one user may create per minute (0: no limit); past it, 429.
+    pub max_creations_per_user_per_minute: u32,
+    /// Room searches one user may run per minute (0: no limit); past it, 429.
+    pub max_searches_per_user_per_minute: u32,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self { max_creations_per_user_per_minute: 30, max_searches_per_user_per_minute: 60 }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -262,6 +278,7 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             auth: AuthConfig::default(),
             messages: MessagesConfig::default(),
+            rooms: RoomsConfig::default(),
             ws: WsConfig::default(),
             delivery: DeliveryConfig::default(),
             cluster: ClusterConfig::default(),

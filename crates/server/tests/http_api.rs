@@ -224,6 +224,26 @@ async fn logins_and_registrations_are_limited_per_client_address() {
 }
 
 #[tokio::test]
+async fn room_creation_and_search_are_limited_per_user() {
+    let mut config = common::test_config(None);
+    config.rooms.max_creations_per_user_per_minute = 2;
+    config.rooms.max_searches_per_user_per_minute = 3;
+    let s = TestServer::start_with(config).await;
+    let (a, b) = (s.user("a").await, s.user("b").await);
+    a.create_group("one", &[], None).await.unwrap();
+    a.create_direct(b.user_id()).await.unwrap();
+    let msg = expect_code(a.create_group("three", &[], None).await, 429);
+    assert!(msg.contains("rooms created"), "{msg}");
+    b.create_group("b's own", &[], None).await.unwrap();
+    for _ in 0..3 {
+        a.search("one", None).await.unwrap();
+    }
+    expect_code(a.search("one", None).await, 429);
+    assert_eq!(b.search("one", None).await.unwrap().len(), 1, "per user");
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn direct_rooms_are_unique_per_pair() {
     let s = TestServer::start().await;
     let (a, b, c) = (s.user("a").await, s.user("b").await, s.user("c").await);

@@ -167,7 +167,7 @@ async fn reload_on_sighup(app: Arc<App>, logging: stacker_server::telemetry::Log
                     let restart = app.reload(&new);
                     tracing::info!(
                         needs_restart = ?restart,
-                        "config reloaded: applied log.level, messages.*, auth.max_*_per_minute"
+                        "config reloaded: applied log.level, messages.*, rooms.*, auth.max_*_per_minute"
                     );
                 }
                 Err(e) => tracing::error!(error = %e, "config reload failed; keeping the running config"),

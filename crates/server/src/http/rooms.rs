@@ -145,10 +145,10 @@ pub struct SearchQuery {
 
 pub async fn search(
     State(app): State<AppState>,
-    Caller(_): Caller,
+    Caller(me): Caller,
     Params(q): Params<SearchQuery>,
 ) -> ApiResult<SearchResponse> {
-    let rooms = app.rooms.search(&q.q, q.limit).await?;
+    let rooms = app.rooms.search(me, &q.q, q.limit).await?;
     ok(SearchResponse { rooms: rooms.iter().map(views::room).collect() })
 }
 
