@@ -204,9 +204,6 @@ impl Rooms {
     /// Creates a group room (the creator is owner), or returns the one direct
     /// room between the creator and the other user.
     pub async fn create(&self, creator: UserId, req: NewRoom<'_>) -> Result<RoomId> {
-        if self.creations.admit(Some(creator)) == Admission::Refused {
-            return Err(Error::RateLimited("too many rooms created; wait a minute".into()));
-        }
         let others: BTreeSet<UserId> = req.member_ids.iter().copied().filter(|id| *id != creator).collect();
         let now = now_ms();
         if !req.is_group {
@@ -233,7 +230,12 @@ impl Rooms {
             };
             let members =
                 [Member::new(room.id, creator, Role::Owner, now), Member::new(room.id, other, Role::Member, now)];
-            return match self.store.insert_room(&room, &members).await {
+            let attempt = self.admit_creation(creator)?;
+            let inserted = self.store.insert_room(&room, &members).await;
+            if inserted.is_err() {
+                self.creations.take_back(Some(creator), attempt);
+            }
+            return match inserted {
                 Ok(()) => {
                     self.announce_joined(room.id, &[other], Some(creator)).await?;
                     Ok(room.id)
@@ -262,10 +264,24 @@ impl Rooms {
         };
         let mut members = vec![Member::new(room.id, creator, Role::Owner, now)];
         members.extend(others.iter().map(|id| Member::new(room.id, *id, Role::Member, now)));
-        self.store.insert_room(&room, &members).await?;
+        let attempt = self.admit_creation(creator)?;
+        if let Err(e) = self.store.insert_room(&room, &members).await {
+            self.creations.take_back(Some(creator), attempt);
+            return Err(e);
+        }
         let added: Vec<UserId> = others.into_iter().collect();
         self.announce_joined(room.id, &added, Some(creator)).await?;
         Ok(room.id)
+    }
+
+    /// Counts a room about to be created (a request that fails validation,
+    /// or finds its direct room already there, creates nothing and is not
+    /// counted).
+    fn admit_creation(&self, creator: UserId) -> Result<Admission> {
+        match self.creations.admit(Some(creator)) {
+            Admission::Refused => Err(Error::RateLimited("too many rooms created; wait a minute".into())),
+            counted => Ok(counted),
+        }
     }
 
     /// Adds users as members; returns those actually added.
@@ -442,12 +458,12 @@ impl Rooms {
             return Err(Error::conflict("this join request was already answered"));
         }
         let member = approve.then(|| Member::new(request.room_id, request.user_id, Role::Member, now_ms()));
-        // Added meanwhile (by a moderator): approved, but nobody newly joins.
-        let joins = approve && self.store.member(request.room_id, request.user_id).await?.is_none();
-        if !self.store.decide_join_request(request_id, approve, member.as_ref()).await? {
+        // `joins` is false when the user was added meanwhile (by a
+        // moderator): approved, but nobody newly joins.
+        let Some(joins) = self.store.decide_join_request(request_id, approve, member.as_ref()).await? else {
             return Err(Error::conflict("this join request was already answered"));
-        }
-        if approve {
+        };
+        if joins {
             // Before anyone is told: the new member may post at once.
             self.members.invalidate(request.room_id).await;
         }

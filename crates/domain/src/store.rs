@@ -52,9 +52,10 @@ pub trait RoomStore: Send + Sync {
     async fn pending_join_request(&self, room: RoomId, user: UserId) -> Result<Option<JoinRequest>>;
     /// Pending requests of a room, oldest first.
     async fn pending_join_requests(&self, room: RoomId) -> Result<Vec<JoinRequest>>;
-    /// Marks a pending request approved (adding `member`) or rejected, in one
-    /// transaction. False when the request was no longer pending.
-    async fn decide_join_request(&self, id: i64, approve: bool, member: Option<&Member>) -> Result<bool>;
+    /// Marks a pending request approved (adding `member` unless it is a
+    /// member already) or rejected, in one transaction. `None` when the
+    /// request was no longer pending; otherwise whether `member` was added.
+    async fn decide_join_request(&self, id: i64, approve: bool, member: Option<&Member>) -> Result<Option<bool>>;
 }
 
 #[async_trait]

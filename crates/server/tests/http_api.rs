@@ -231,7 +231,11 @@ async fn room_creation_and_search_are_limited_per_user() {
     let s = TestServer::start_with(config).await;
     let (a, b) = (s.user("a").await, s.user("b").await);
     a.create_group("one", &[], None).await.unwrap();
-    a.create_direct(b.user_id()).await.unwrap();
+    let direct = a.create_direct(b.user_id()).await.unwrap();
+    // Asking for an existing direct room, or a refused request, creates
+    // nothing and is not counted.
+    assert_eq!(a.create_direct(b.user_id()).await.unwrap(), direct);
+    expect_code(a.create_group("", &[], None).await, 400);
     let msg = expect_code(a.create_group("three", &[], None).await, 429);
     assert!(msg.contains("rooms created"), "{msg}");
     b.create_group("b's own", &[], None).await.unwrap();

@@ -259,6 +259,7 @@ async fn a_sync_of_other_peoples_rooms_costs_one_read() {
     let mut socket = me.connect("d").await.unwrap();
     assert_eq!(replayed(&mut socket).await, vec![(room, 1)], "the catch-up on connect");
     let before = store_calls(port, "member");
+    assert!(before > 0, "the metric is there (the connect's catch-up read membership)");
     let mut cursors: std::collections::BTreeMap<_, _> = (1..=999).map(|i| (stacker_proto::Id(i), 0)).collect();
     cursors.insert(room, 0);
     socket.send_frame(&ClientFrame::Sync { cursors }).await.unwrap();

@@ -1,4 +1,4 @@
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use sqlx::AnyConnection;
@@ -95,30 +95,45 @@ async fn insert_members_if_absent(
     let added: Vec<(RoomId, UserId)> =
         unique.iter().map(|m| (m.room_id, m.user_id)).filter(|p| inserted.contains(p)).collect();
     crate::cursors::start_cursors_at_last_seq(conn, dialect, &added).await?;
-    let rooms: HashSet<RoomId> = added.iter().map(|(room, _)| *room).collect();
-    for room in rooms {
-        restore_kept_mutes(conn, dialect, room).await?;
-    }
+    restore_kept_mutes(conn, dialect, &added).await?;
     Ok(added)
 }
 
-/// Puts the mutes kept when members left back on those who are members of
-/// `room` again, and forgets them.
+/// Puts the mutes kept when members left back on the `(room, user)` pairs
+/// just inserted, and forgets them. Only those rows are read and written
+/// (by key), so joins to one room do not lock each other's rows.
 async fn restore_kept_mutes(
     conn: &mut AnyConnection,
     dialect: Dialect,
-    room: RoomId,
+    added: &[(RoomId, UserId)],
 ) -> std::result::Result<(), sqlx::Error> {
-    let restore = dialect.sql(
-        "UPDATE room_members SET mute_until = (SELECT k.mute_until FROM room_mutes k \
-         WHERE k.room_id = room_members.room_id AND k.user_id = room_members.user_id) \
-         WHERE room_id = ? AND user_id IN (SELECT user_id FROM room_mutes WHERE room_id = ?)",
-    );
-    sqlx::query(&restore).bind(room).bind(room).execute(&mut *conn).await?;
-    let forget = dialect.sql(
-        "DELETE FROM room_mutes WHERE room_id = ? AND user_id IN (SELECT user_id FROM room_members WHERE room_id = ?)",
-    );
-    sqlx::query(&forget).bind(room).bind(room).execute(&mut *conn).await?;
+    let mut by_room: HashMap<RoomId, Vec<UserId>> = HashMap::new();
+    for (room, user) in added {
+        by_room.entry(*room).or_default().push(*user);
+    }
+    let restore = dialect.sql("UPDATE room_members SET mute_until = ? WHERE room_id = ? AND user_id = ?");
+    let forget = dialect.sql("DELETE FROM room_mutes WHERE room_id = ? AND user_id = ?");
+    for (room, users) in by_room {
+        for chunk in users.chunks(500) {
+            let sql = dialect
+                .sql(&format!(
+                    "SELECT user_id, mute_until FROM room_mutes WHERE room_id = ? AND user_id IN ({})",
+                    crate::dialect::placeholders(chunk.len())
+                ))
+                .into_owned();
+            let mut query = sqlx::query(&sql).bind(room);
+            for user in chunk {
+                query = query.bind(*user);
+            }
+            for row in query.fetch_all(&mut *conn).await? {
+                let (user, until) = (row_int(&row, 0)?, row_int(&row, 1)?);
+                if until > now_ms() {
+                    sqlx::query(&restore).bind(until).bind(room).bind(user).execute(&mut *conn).await?;
+                }
+                sqlx::query(&forget).bind(room).bind(user).execute(&mut *conn).await?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -243,21 +258,39 @@ impl RoomStore for SqlStore {
     async fn remove_member(&self, room: RoomId, user: UserId) -> Result<bool> {
         const OP: &str = "remove_member";
         observe(OP, async {
-            let now = now_ms();
             let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
             let result = async {
-                // A mute still running is kept for a rejoin; ended ones of the
-                // room are dropped on the way.
-                let sql = self.sql("DELETE FROM room_mutes WHERE room_id = ? AND (user_id = ? OR mute_until <= ?)");
-                sqlx::query(&sql).bind(room).bind(user).bind(now).execute(&mut *tx).await?;
-                let sql = self.sql(
-                    "INSERT INTO room_mutes (room_id, user_id, mute_until) SELECT room_id, user_id, mute_until \
-                     FROM room_members WHERE room_id = ? AND user_id = ? AND mute_until > ?",
-                );
-                sqlx::query(&sql).bind(room).bind(user).bind(now).execute(&mut *tx).await?;
+                // The row is locked first (SQLite: one writer at a time), so a
+                // concurrent removal waits and then finds nothing, and an
+                // unmute either lands before this read or waits for it.
+                let lock = match self.dialect {
+                    Dialect::Sqlite => "",
+                    _ => " FOR UPDATE",
+                };
+                let sql = self
+                    .sql_owned(format!("SELECT mute_until FROM room_members WHERE room_id = ? AND user_id = ?{lock}"));
+                let Some(row) = sqlx::query(&sql).bind(room).bind(user).fetch_optional(&mut *tx).await? else {
+                    return Ok::<_, Fail>(false);
+                };
+                let mute_until = row_int(&row, 0)?;
                 let sql = self.sql("DELETE FROM room_members WHERE room_id = ? AND user_id = ?");
-                let done = sqlx::query(&sql).bind(room).bind(user).execute(&mut *tx).await?;
-                Ok::<_, Fail>(affected(&done) > 0)
+                sqlx::query(&sql).bind(room).bind(user).execute(&mut *tx).await?;
+                // A mute still running is kept for a rejoin (an upsert: no
+                // read-then-insert gap for two removals to deadlock on).
+                if mute_until > now_ms() {
+                    let keep = match self.dialect {
+                        Dialect::Mysql => {
+                            "INSERT INTO room_mutes (room_id, user_id, mute_until) VALUES (?, ?, ?) \
+                             ON DUPLICATE KEY UPDATE mute_until = VALUES(mute_until)"
+                        }
+                        _ => {
+                            "INSERT INTO room_mutes (room_id, user_id, mute_until) VALUES (?, ?, ?) \
+                             ON CONFLICT (room_id, user_id) DO UPDATE SET mute_until = excluded.mute_until"
+                        }
+                    };
+                    sqlx::query(&self.sql(keep)).bind(room).bind(user).bind(mute_until).execute(&mut *tx).await?;
+                }
+                Ok(true)
             }
             .await;
             finish(tx, result).await.map_err(|f| f.into_error(OP))
@@ -436,7 +469,7 @@ impl RoomStore for SqlStore {
         .await
     }
 
-    async fn decide_join_request(&self, id: i64, approve: bool, member: Option<&Member>) -> Result<bool> {
+    async fn decide_join_request(&self, id: i64, approve: bool, member: Option<&Member>) -> Result<Option<bool>> {
         const OP: &str = "decide_join_request";
         observe(OP, async {
             let status = if approve { JoinRequestStatus::Approved } else { JoinRequestStatus::Rejected };
@@ -452,12 +485,15 @@ impl RoomStore for SqlStore {
                     .execute(&mut *tx)
                     .await?;
                 if affected(&done) == 0 {
-                    return Ok(false);
+                    return Ok(None);
                 }
+                let mut added = false;
                 if let (true, Some(member)) = (approve, member) {
-                    insert_members_if_absent(&mut tx, self.dialect, std::slice::from_ref(member)).await?;
+                    added = !insert_members_if_absent(&mut tx, self.dialect, std::slice::from_ref(member))
+                        .await?
+                        .is_empty();
                 }
-                Ok::<_, Fail>(true)
+                Ok::<_, Fail>(Some(added))
             }
             .await;
             finish(tx, result).await.map_err(|f| f.into_error(OP))

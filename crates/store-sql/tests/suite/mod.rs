@@ -326,10 +326,25 @@ async fn mutes_outlast_leaving(s: DynStore) {
         created_at: 3,
     };
     s.insert_join_request(&request).await.unwrap();
-    assert!(s.decide_join_request(request.id, true, Some(&Member::new(room.id, b.id, Role::Member, 3))).await.unwrap());
+    assert_eq!(
+        s.decide_join_request(request.id, true, Some(&Member::new(room.id, b.id, Role::Member, 3))).await.unwrap(),
+        Some(true)
+    );
     assert_eq!(mute_until(b.id).await, 0, "an ended mute is not kept");
-    // Unmuted after coming back: leaving and rejoining again keeps no mute.
+    // Put back once: unmuted after coming back, it stays unmuted while
+    // others join, and leaving and rejoining again keeps no mute.
     s.update_member(room.id, a.id, &MemberChange::MuteUntil(0)).await.unwrap();
+    let c = make_user(&s, "mu_c").await;
+    s.add_members(&[Member::new(room.id, c.id, Role::Member, 4), Member::new(room.id, a.id, Role::Member, 4)])
+        .await
+        .unwrap();
+    assert_eq!(mute_until(a.id).await, 0);
+    // Two removals of one muted member at once: one removes, neither fails.
+    s.update_member(room.id, c.id, &MemberChange::MuteUntil(later)).await.unwrap();
+    let (first, second) = tokio::join!(s.remove_member(room.id, c.id), s.remove_member(room.id, c.id));
+    assert_eq!([first.unwrap(), second.unwrap()].iter().filter(|removed| **removed).count(), 1);
+    s.add_members(&[Member::new(room.id, c.id, Role::Member, 5)]).await.unwrap();
+    assert_eq!(mute_until(c.id).await, later);
     assert!(s.remove_member(room.id, a.id).await.unwrap());
     s.add_members(&[Member::new(room.id, a.id, Role::Member, 4)]).await.unwrap();
     assert_eq!(mute_until(a.id).await, 0);
@@ -461,11 +476,11 @@ async fn join_requests(s: DynStore) {
 
     // Approve: the member is added in the same transaction.
     let member = Member::new(room.id, a.id, Role::Member, 30);
-    assert!(s.decide_join_request(ra.id, true, Some(&member)).await.unwrap());
+    assert_eq!(s.decide_join_request(ra.id, true, Some(&member)).await.unwrap(), Some(true), "approved and added");
     assert_eq!(s.member(room.id, a.id).await.unwrap(), Some(member.clone()));
     assert_eq!(s.join_request(ra.id).await.unwrap().unwrap().status, JoinRequestStatus::Approved);
-    assert!(!s.decide_join_request(ra.id, true, Some(&member)).await.unwrap(), "deciding twice: false");
-    assert!(!s.decide_join_request(ra.id, false, None).await.unwrap(), "deciding twice: false");
+    assert_eq!(s.decide_join_request(ra.id, true, Some(&member)).await.unwrap(), None, "deciding twice");
+    assert_eq!(s.decide_join_request(ra.id, false, None).await.unwrap(), None, "deciding twice");
     assert_eq!(
         s.join_request(ra.id).await.unwrap().unwrap().status,
         JoinRequestStatus::Approved,
@@ -474,17 +489,21 @@ async fn join_requests(s: DynStore) {
     assert_eq!(s.pending_join_request(room.id, a.id).await.unwrap(), None);
 
     // Reject: nobody is added.
-    assert!(s.decide_join_request(rb.id, false, None).await.unwrap());
+    assert_eq!(s.decide_join_request(rb.id, false, None).await.unwrap(), Some(false), "rejected");
     assert_eq!(s.join_request(rb.id).await.unwrap().unwrap().status, JoinRequestStatus::Rejected);
     assert_eq!(s.member(room.id, b.id).await.unwrap(), None);
     assert!(s.pending_join_requests(room.id).await.unwrap().is_empty());
-    assert!(!s.decide_join_request(-1, true, None).await.unwrap(), "unknown request");
+    assert_eq!(s.decide_join_request(-1, true, None).await.unwrap(), None, "unknown request");
 
-    // Approving someone who meanwhile became a member still succeeds.
+    // Approving someone who meanwhile became a member still succeeds, and
+    // says that nobody was added.
     let rb2 = req(b.id, 40);
     s.insert_join_request(&rb2).await.unwrap();
     s.add_members(&[Member::new(room.id, b.id, Role::Member, 41)]).await.unwrap();
-    assert!(s.decide_join_request(rb2.id, true, Some(&Member::new(room.id, b.id, Role::Member, 42))).await.unwrap());
+    assert_eq!(
+        s.decide_join_request(rb2.id, true, Some(&Member::new(room.id, b.id, Role::Member, 42))).await.unwrap(),
+        Some(false)
+    );
     assert_eq!(s.member(room.id, b.id).await.unwrap().unwrap().joined_at, 41);
 }
 
