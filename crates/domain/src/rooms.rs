@@ -30,6 +30,7 @@ pub struct Rooms {
     members: Arc<MemberCache>,
     creations: AttemptWindow<UserId>,
     searches: AttemptWindow<UserId>,
+    joins: AttemptWindow<UserId>,
 }
 
 /// Per-user, per-minute limits on the calls whose cost a user alone
@@ -40,6 +41,9 @@ pub struct RoomLimits {
     pub creations_per_user: u32,
     /// A search reads every group room's name (a substring match).
     pub searches_per_user: u32,
+    /// Joins and join requests: each is announced to the room's members
+    /// (or its moderators), so a join-leave loop would be a broadcast.
+    pub joins_per_user: u32,
 }
 
 pub struct NewRoom<'a> {
@@ -63,13 +67,15 @@ impl Rooms {
     ) -> Self {
         let creations = AttemptWindow::new(limits.creations_per_user);
         let searches = AttemptWindow::new(limits.searches_per_user);
-        Self { store, ids, fanout, members, creations, searches }
+        let joins = AttemptWindow::new(limits.joins_per_user);
+        Self { store, ids, fanout, members, creations, searches, joins }
     }
 
     /// Changeable while running (config reload).
     pub fn set_limits(&self, limits: RoomLimits) {
         self.creations.set_limit(limits.creations_per_user);
         self.searches.set_limit(limits.searches_per_user);
+        self.joins.set_limit(limits.joins_per_user);
     }
 
     pub fn member_cache(&self) -> &Arc<MemberCache> {
@@ -394,8 +400,19 @@ impl Rooms {
         if room.join_policy != JoinPolicy::Open {
             return Err(Error::forbidden("this room requires approval: send a join request"));
         }
-        let added = self.store.add_members(&[Member::new(room_id, actor, Role::Member, now_ms())]).await?;
-        self.announce_joined(room_id, &added, None).await
+        let attempt = self.admit_join(actor)?;
+        let added = self.store.add_members(&[Member::new(room_id, actor, Role::Member, now_ms())]).await;
+        if added.is_err() {
+            self.joins.take_back(Some(actor), attempt);
+        }
+        self.announce_joined(room_id, &added?, None).await
+    }
+
+    fn admit_join(&self, actor: UserId) -> Result<Admission> {
+        match self.joins.admit(Some(actor)) {
+            Admission::Refused => Err(Error::RateLimited("too many joins and join requests; wait a minute".into())),
+            counted => Ok(counted),
+        }
     }
 
     /// An owner leaves only as the last member (others need a transfer
@@ -429,7 +446,11 @@ impl Rooms {
             status: JoinRequestStatus::Pending,
             created_at: now_ms(),
         };
-        self.store.insert_join_request(&request).await?;
+        let attempt = self.admit_join(actor)?;
+        if let Err(e) = self.store.insert_join_request(&request).await {
+            self.joins.take_back(Some(actor), attempt);
+            return Err(e);
+        }
         let moderators: Vec<UserId> = self
             .store
             .members(room_id)

@@ -202,6 +202,7 @@ fn room_limits(config: &Config) -> RoomLimits {
     RoomLimits {
         creations_per_user: config.rooms.max_creations_per_user_per_minute,
         searches_per_user: config.rooms.max_searches_per_user_per_minute,
+        joins_per_user: config.rooms.max_joins_per_user_per_minute,
     }
 }
 

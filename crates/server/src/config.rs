@@ -98,11 +98,18 @@ pub struct RoomsConfig {
     pub max_creations_per_user_per_minute: u32,
     /// Room searches one user may run per minute (0: no limit); past it, 429.
     pub max_searches_per_user_per_minute: u32,
+    /// Joins and join requests one user may make per minute (0: no limit);
+    /// past it, 429.
+    pub max_joins_per_user_per_minute: u32,
 }
 
 impl Default for RoomsConfig {
     fn default() -> Self {
-        Self { max_creations_per_user_per_minute: 30, max_searches_per_user_per_minute: 60 }
+        Self {
+            max_creations_per_user_per_minute: 30,
+            max_searches_per_user_per_minute: 60,
+            max_joins_per_user_per_minute: 30,
+        }
     }
 }
 

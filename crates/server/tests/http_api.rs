@@ -245,6 +245,20 @@ async fn room_creation_and_search_are_limited_per_user() {
     expect_code(a.search("one", None).await, 429);
     assert_eq!(b.search("one", None).await.unwrap().len(), 1, "per user");
     s.stop().await;
+
+    // Joining and leaving in a loop would announce to every member each time.
+    let mut config = common::test_config(None);
+    config.rooms.max_joins_per_user_per_minute = 2;
+    let s = TestServer::start_with(config).await;
+    let (owner, hopper) = (s.user("o").await, s.user("h").await);
+    let room = owner.create_group("lobby", &[], None).await.unwrap();
+    let strict = owner.create_group("vip", &[], Some(JoinPolicy::Approval)).await.unwrap();
+    hopper.join(room).await.unwrap();
+    hopper.leave(room).await.unwrap();
+    hopper.request_join(strict, None).await.unwrap();
+    let msg = expect_code(hopper.join(room).await, 429);
+    assert!(msg.contains("joins"), "{msg}");
+    s.stop().await;
 }
 
 #[tokio::test]
