@@ -27,7 +27,8 @@ pub trait RoomStore: Send + Sync {
     async fn insert_room(&self, room: &Room, members: &[Member]) -> Result<()>;
     async fn room(&self, id: RoomId) -> Result<Option<Room>>;
     async fn direct_room(&self, direct_key: &str) -> Result<Option<Room>>;
-    /// Group rooms whose name contains `query` (case-insensitive), newest first.
+    /// Group rooms whose name contains `query` (case-insensitive), newest
+    /// first; not those whose owner left (they take no one in).
     async fn search_rooms(&self, query: &str, limit: u32) -> Result<Vec<Room>>;
 
     async fn member(&self, room: RoomId, user: UserId) -> Result<Option<Member>>;

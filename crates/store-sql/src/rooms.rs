@@ -203,6 +203,7 @@ impl RoomStore for SqlStore {
             }
             let sql = self.sql_owned(format!(
                 "SELECT {} FROM rooms WHERE is_group = 1 AND name_lower LIKE ? ESCAPE '!' \
+                 AND EXISTS (SELECT 1 FROM room_members m WHERE m.room_id = rooms.id AND m.user_id = rooms.owner_id) \
                  ORDER BY created_at DESC, id DESC LIMIT ?",
                 rows::room_cols("")
             ));

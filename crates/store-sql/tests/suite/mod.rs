@@ -446,6 +446,9 @@ async fn search(s: DynStore) {
     assert!(!all.contains(&direct.id));
     assert!(s.search_rooms(&tag, 0).await.unwrap().is_empty());
     assert!(s.search_rooms("no such room name anywhere", 10).await.unwrap().is_empty());
+    // A room its owner left (closed: it takes no one in) is not listed.
+    s.remove_member(bang.id, o.id).await.unwrap();
+    assert!(!ids(s.search_rooms(&tag, 100).await.unwrap()).contains(&bang.id));
 }
 
 // ---------------------------------------------------------------- join requests
