@@ -49,6 +49,36 @@ impl CursorStore for SqlStore {
         .await
     }
 
+    async fn forget_stale_devices(&self, user: UserId, keep: usize) -> Result<usize> {
+        const OP: &str = "forget_stale_devices";
+        observe(OP, async {
+            let sql = self.sql(
+                "SELECT device_id FROM device_cursors WHERE user_id = ? GROUP BY device_id \
+                 ORDER BY MAX(updated_at) DESC, device_id",
+            );
+            let devices = sqlx::query(&sql).bind(user).fetch_all(&self.pool).await.map_err(|e| map_err(OP, e))?;
+            let stale: Vec<String> = devices
+                .iter()
+                .skip(keep)
+                .map(|row| sqlx::Row::try_get::<String, _>(row, 0))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| map_err(OP, e))?;
+            for chunk in stale.chunks(500) {
+                let sql = self.sql_owned(format!(
+                    "DELETE FROM device_cursors WHERE user_id = ? AND device_id IN ({})",
+                    placeholders(chunk.len())
+                ));
+                let mut query = sqlx::query(&sql).bind(user);
+                for device in chunk {
+                    query = query.bind(device.as_str());
+                }
+                query.execute(&self.pool).await.map_err(|e| map_err(OP, e))?;
+            }
+            Ok(stale.len())
+        })
+        .await
+    }
+
     async fn save_cursors(&self, cursors: &[DeviceCursor]) -> Result<()> {
         const OP: &str = "save_cursors";
         observe(OP, async {

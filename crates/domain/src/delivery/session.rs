@@ -15,6 +15,11 @@ use crate::Result;
 use stacker_proto::http::ChatMessage;
 use stacker_proto::ws::ServerFrame;
 
+/// Devices whose cursors are kept per user: past it, connecting a new
+/// device forgets the cursors of the one that acknowledged least recently
+/// (which, if it comes back, starts as a device new to the user).
+pub const MAX_DEVICES_PER_USER: usize = 100;
+
 #[derive(Clone, Debug)]
 pub struct SessionLimits {
     /// Messages read from the store per catch-up step.
@@ -93,6 +98,14 @@ impl Session {
         let rooms = store.member_cursors(handle.user_id).await?;
         let device: HashMap<RoomId, i64> =
             store.device_cursors(handle.user_id, &handle.device_id).await?.into_iter().collect();
+        if device.is_empty() {
+            // A device new to the store (or one that never acknowledged):
+            // every device id a client makes up would otherwise keep its
+            // cursors forever. The least recent devices make room.
+            if let Err(e) = store.forget_stale_devices(handle.user_id, MAX_DEVICES_PER_USER - 1).await {
+                tracing::warn!(error = %e, user = handle.user_id, "cannot forget stale devices");
+            }
+        }
         let mut cursors = HashMap::with_capacity(rooms.len());
         let mut catch_up = BTreeSet::new();
         for room in rooms {

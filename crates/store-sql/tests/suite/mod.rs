@@ -350,6 +350,43 @@ async fn mutes_outlast_leaving(s: DynStore) {
     assert_eq!(mute_until(a.id).await, 0);
 }
 
+/// Device cursors: saved per device and room (members only), and all but
+/// the most recently acknowledging devices of a user can be forgotten.
+async fn device_cursors_and_stale_devices(s: DynStore) {
+    let u = make_user(&s, "dc_u").await;
+    let o = make_user(&s, "dc_o").await;
+    let room = make_room(&s, "devices", o.id, &[u.id], 1).await;
+    let other = make_room(&s, "not-mine", o.id, &[], 1).await;
+    s.append(&[msg(room.id, o.id, None, "one"), msg(room.id, o.id, None, "two")]).await.unwrap();
+    let cursor = |device: &str, room_id: RoomId, seq: i64| DeviceCursor {
+        user_id: u.id,
+        device_id: device.to_string(),
+        room_id,
+        seq,
+    };
+    for (i, device) in ["d0", "d1", "d2", "d3"].iter().enumerate() {
+        // Not a member of `other`: ignored.
+        s.save_cursors(&[cursor(device, room.id, i as i64), cursor(device, other.id, 1)]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await; // distinct updated_at
+    }
+    assert_eq!(s.device_cursors(u.id, "d2").await.unwrap(), vec![(room.id, 2)]);
+    assert_eq!(s.device_cursors(u.id, "d3").await.unwrap(), vec![(room.id, 2)], "clamped to the last seq");
+    assert!(s.device_cursors(u.id, "nope").await.unwrap().is_empty());
+    // d0 acknowledges again: now the most recent.
+    s.save_cursors(&[cursor("d0", room.id, 1)]).await.unwrap();
+    assert_eq!(s.forget_stale_devices(u.id, 10).await.unwrap(), 0);
+    assert_eq!(s.forget_stale_devices(u.id, 2).await.unwrap(), 2);
+    let kept: Vec<bool> = {
+        let mut kept = Vec::new();
+        for device in ["d0", "d1", "d2", "d3"] {
+            kept.push(!s.device_cursors(u.id, device).await.unwrap().is_empty());
+        }
+        kept
+    };
+    assert_eq!(kept, vec![true, false, false, true], "d0 and d3 acknowledged last");
+    assert_eq!(s.forget_stale_devices(o.id, 0).await.unwrap(), 0, "a user without devices");
+}
+
 async fn ownership(s: DynStore) {
     let owner = make_user(&s, "tr_o").await;
     let heir = make_user(&s, "tr_h").await;
@@ -908,6 +945,7 @@ pub async fn run(s: DynStore) -> usize {
         member_updates,
         add_and_remove_members,
         mutes_outlast_leaving,
+        device_cursors_and_stale_devices,
         ownership,
         joined_rooms,
         search,
