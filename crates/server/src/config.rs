@@ -168,6 +168,10 @@ pub struct DeliveryConfig {
     /// How long a connection holds a message that arrived ahead of a missing
     /// one for it to arrive live, before reading the room from the store.
     pub gap_wait_ms: u64,
+    /// When a device with no cursors connects, a user's cursors of all but
+    /// their 99 most recent devices are forgotten, at most this often per
+    /// user and process.
+    pub device_prune_every_s: u64,
 }
 
 impl Default for WsConfig {
@@ -197,6 +201,7 @@ impl Default for DeliveryConfig {
             catch_up_page: 200,
             batch_frame_bytes: 64 * 1024,
             gap_wait_ms: 25,
+            device_prune_every_s: 600,
         }
     }
 }
@@ -419,6 +424,9 @@ impl Config {
         }
         if self.delivery.batch_size == 0 || self.delivery.worker_queue == 0 || self.delivery.catch_up_page == 0 {
             return fail("delivery", "batch_size, worker_queue and catch_up_page must be positive");
+        }
+        if self.delivery.device_prune_every_s > 86_400 {
+            return fail("delivery.device_prune_every_s", "must be at most 86400 (a day)");
         }
         if self.delivery.gap_wait_ms > MAX_GAP_WAIT_MS {
             return fail("delivery.gap_wait_ms", &format!("must be at most {MAX_GAP_WAIT_MS}"));

@@ -509,6 +509,41 @@ async fn membership_changes_and_join_requests_are_events() {
     s.stop().await;
 }
 
+/// Past 100 devices, a new device makes the one that acknowledged least
+/// recently forget its cursors: back, it starts as a device new to the user
+/// (at the user's delivered seq) instead of replaying from its old cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_least_recent_device_is_forgotten_past_a_hundred() {
+    let mut config = fast_acks_config();
+    config.delivery.device_prune_every_s = 0;
+    let s = TestServer::start_with(config).await;
+    let (alice, bob) = (s.user("a").await, s.user("b").await);
+    let room = alice.create_direct(bob.user_id()).await.unwrap();
+    alice.send_text(room, "one").await.unwrap();
+    let mut old = bob.connect("old").await.unwrap();
+    assert_eq!(collect_seqs(&mut old, room, 1).await, vec![1]);
+    old.ack(room, 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await; // flushed
+    drop(old);
+    alice.send_text(room, "two").await.unwrap();
+    alice.send_text(room, "three").await.unwrap();
+    // 99 more devices acknowledge everything, later than `old` did.
+    let mut devices = Vec::new();
+    for i in 0..99 {
+        let mut device = bob.connect(&format!("d{i}")).await.unwrap();
+        device.ack(room, 3).await.unwrap();
+        devices.push(device);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(devices);
+    // The 101st device prunes in the background.
+    let _newest = bob.connect("newest").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut back = bob.connect("old").await.unwrap();
+    assert_quiet(&mut back, room, Duration::from_millis(300)).await;
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_senders_reach_three_listeners_complete_and_in_order() {
     let s = TestServer::start().await;

@@ -28,7 +28,7 @@ pub use acks::AckBuffer;
 pub use dispatch::Dispatcher;
 pub use frame::Frame;
 pub use hub::{Chat, ConnHandle, Hub, Push};
-pub use session::{Close, Session, SessionLimits};
+pub use session::{Close, Session, SessionLimits, MAX_DEVICES_PER_USER};
 
 use crate::fanout::Fanout;
 use crate::model::{Message, RoomId, UserId};
@@ -55,6 +55,8 @@ pub struct DeliveryConfig {
     pub session: SessionLimits,
     /// How often acknowledged cursors are written to the store.
     pub ack_flush_interval: Duration,
+    /// How often, at most, one user's stale devices are forgotten.
+    pub device_prune_every: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -69,6 +71,7 @@ impl Default for DeliveryConfig {
             max_connections_per_user: 256,
             session: SessionLimits::default(),
             ack_flush_interval: Duration::from_millis(500),
+            device_prune_every: Duration::from_secs(600),
         }
     }
 }
@@ -81,6 +84,10 @@ pub struct Delivery {
     dispatcher: Dispatcher,
     acks: AckBuffer,
     config: DeliveryConfig,
+    /// Users whose stale devices were forgotten lately (at most once per
+    /// user per `device_prune_every`, so that a reconnect storm of devices
+    /// that never acknowledged does not read each user's devices each time).
+    pruned: moka::sync::Cache<UserId, ()>,
 }
 
 impl Delivery {
@@ -88,7 +95,8 @@ impl Delivery {
         let hub = Arc::new(Hub::new(config.max_connections, config.max_connections_per_user, config.connection_queue));
         let dispatcher = Dispatcher::start(hub.clone(), members.clone(), &config);
         let acks = AckBuffer::start(store.clone(), config.ack_flush_interval);
-        Arc::new(Self { store, hub, members, dispatcher, acks, config })
+        let pruned = moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.device_prune_every).build();
+        Arc::new(Self { store, hub, members, dispatcher, acks, config, pruned })
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -106,12 +114,33 @@ impl Delivery {
         // Registered first, read second: whatever commits from now on reaches the
         // queue, whatever committed before is in the cursors' catch-up.
         match Session::open(self.store.clone(), &handle, rx, self.config.session.clone()).await {
-            Ok(session) => Ok((handle, session)),
+            Ok(session) => {
+                if session.new_device() {
+                    self.forget_stale_devices(user_id);
+                }
+                Ok((handle, session))
+            }
             Err(e) => {
                 self.hub.unregister(&handle);
                 Err(e)
             }
         }
+    }
+
+    /// A device with no cursors connected: every device id a client makes
+    /// up would otherwise keep its cursors forever, so the least recent
+    /// devices make room (in the background, off the connect path).
+    fn forget_stale_devices(&self, user_id: UserId) {
+        if self.pruned.contains_key(&user_id) {
+            return;
+        }
+        self.pruned.insert(user_id, ());
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.forget_stale_devices(user_id, MAX_DEVICES_PER_USER - 1).await {
+                tracing::warn!(error = %e, user = user_id, "cannot forget stale devices");
+            }
+        });
     }
 
     pub fn disconnect(&self, handle: &ConnHandle) {

@@ -80,6 +80,8 @@ pub struct Session {
     /// A push taken from the queue whose handling had to wait (on the store)
     /// when the caller stopped polling; handled first on the next call.
     interrupted: Option<Push>,
+    /// The device had no cursors when it connected.
+    new_device: bool,
 }
 
 impl Session {
@@ -98,14 +100,6 @@ impl Session {
         let rooms = store.member_cursors(handle.user_id).await?;
         let device: HashMap<RoomId, i64> =
             store.device_cursors(handle.user_id, &handle.device_id).await?.into_iter().collect();
-        if device.is_empty() {
-            // A device new to the store (or one that never acknowledged):
-            // every device id a client makes up would otherwise keep its
-            // cursors forever. The least recent devices make room.
-            if let Err(e) = store.forget_stale_devices(handle.user_id, MAX_DEVICES_PER_USER - 1).await {
-                tracing::warn!(error = %e, user = handle.user_id, "cannot forget stale devices");
-            }
-        }
         let mut cursors = HashMap::with_capacity(rooms.len());
         let mut catch_up = BTreeSet::new();
         for room in rooms {
@@ -120,6 +114,7 @@ impl Session {
             cursors.insert(room.room_id, cursor);
         }
         Ok(Session {
+            new_device: device.is_empty(),
             store,
             handle: handle.clone(),
             rx,
@@ -129,6 +124,12 @@ impl Session {
             held: HashMap::new(),
             interrupted: None,
         })
+    }
+
+    /// The device had no cursors when it connected (new, or it never
+    /// acknowledged anything).
+    pub fn new_device(&self) -> bool {
+        self.new_device
     }
 
     pub fn user_id(&self) -> UserId {
