@@ -78,9 +78,11 @@ pub trait CursorStore: Send + Sync {
     async fn member_cursors(&self, user: UserId) -> Result<Vec<MemberCursor>>;
     /// The rooms this device acknowledged, with the acknowledged seq.
     async fn device_cursors(&self, user: UserId, device_id: &str) -> Result<Vec<(RoomId, i64)>>;
-    /// Forgets the cursors of all but the `keep` devices of `user` that
-    /// acknowledged most recently; returns how many devices it forgot.
-    async fn forget_stale_devices(&self, user: UserId, keep: usize) -> Result<usize>;
+    /// Forgets the cursors of the devices of `user` beyond the `keep` that
+    /// acknowledged most recently, sparing any that acknowledged at or after
+    /// `idle_before` (Unix ms) and those named in `spare`; returns how many
+    /// devices it forgot.
+    async fn forget_stale_devices(&self, user: UserId, keep: usize, idle_before: i64, spare: &[&str]) -> Result<usize>;
     /// Moves each device cursor, and the member's delivered cursor, forward to
     /// `seq` (clamped to the room's last seq); never backwards. Cursors of rooms
     /// the user is not a member of are ignored.

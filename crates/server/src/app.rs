@@ -265,6 +265,7 @@ fn delivery_config(config: &Config) -> delivery::DeliveryConfig {
         },
         ack_flush_interval: Duration::from_millis(d.ack_flush_ms),
         device_prune_every: Duration::from_secs(d.device_prune_every_s),
+        device_forget_idle: Duration::from_secs(d.device_forget_idle_s),
     }
 }
 

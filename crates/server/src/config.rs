@@ -172,6 +172,9 @@ pub struct DeliveryConfig {
     /// their 99 most recent devices are forgotten, at most this often per
     /// user and process.
     pub device_prune_every_s: u64,
+    /// Only devices that have not acknowledged for this long (and are not
+    /// connected) are forgotten that way.
+    pub device_forget_idle_s: u64,
 }
 
 impl Default for WsConfig {
@@ -202,6 +205,7 @@ impl Default for DeliveryConfig {
             batch_frame_bytes: 64 * 1024,
             gap_wait_ms: 25,
             device_prune_every_s: 600,
+            device_forget_idle_s: 30 * 86_400,
         }
     }
 }
@@ -427,6 +431,9 @@ impl Config {
         }
         if self.delivery.device_prune_every_s > 86_400 {
             return fail("delivery.device_prune_every_s", "must be at most 86400 (a day)");
+        }
+        if self.delivery.device_forget_idle_s > 3650 * 86_400 {
+            return fail("delivery.device_forget_idle_s", "must be at most 315360000 (ten years)");
         }
         if self.delivery.gap_wait_ms > MAX_GAP_WAIT_MS {
             return fail("delivery.gap_wait_ms", &format!("must be at most {MAX_GAP_WAIT_MS}"));

@@ -516,6 +516,7 @@ async fn membership_changes_and_join_requests_are_events() {
 async fn the_least_recent_device_is_forgotten_past_a_hundred() {
     let mut config = fast_acks_config();
     config.delivery.device_prune_every_s = 0;
+    config.delivery.device_forget_idle_s = 0;
     let s = TestServer::start_with(config).await;
     let (alice, bob) = (s.user("a").await, s.user("b").await);
     let room = alice.create_direct(bob.user_id()).await.unwrap();
@@ -534,11 +535,11 @@ async fn the_least_recent_device_is_forgotten_past_a_hundred() {
         device.ack(room, 3).await.unwrap();
         devices.push(device);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await; // acks flushed (every 20 ms here)
     drop(devices);
     // The 101st device prunes in the background.
     let _newest = bob.connect("newest").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let mut back = bob.connect("old").await.unwrap();
     assert_quiet(&mut back, room, Duration::from_millis(300)).await;
     s.stop().await;

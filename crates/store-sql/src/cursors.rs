@@ -49,26 +49,28 @@ impl CursorStore for SqlStore {
         .await
     }
 
-    async fn forget_stale_devices(&self, user: UserId, keep: usize) -> Result<usize> {
+    async fn forget_stale_devices(&self, user: UserId, keep: usize, idle_before: i64, spare: &[&str]) -> Result<usize> {
         const OP: &str = "forget_stale_devices";
         observe(OP, async {
             let sql = self.sql(
-                "SELECT device_id FROM device_cursors WHERE user_id = ? GROUP BY device_id \
+                "SELECT device_id, MAX(updated_at) FROM device_cursors WHERE user_id = ? GROUP BY device_id \
                  ORDER BY MAX(updated_at) DESC, device_id",
             );
             let devices = sqlx::query(&sql).bind(user).fetch_all(&self.pool).await.map_err(|e| map_err(OP, e))?;
-            let stale: Vec<String> = devices
-                .iter()
-                .skip(keep)
-                .map(|row| sqlx::Row::try_get::<String, _>(row, 0))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|e| map_err(OP, e))?;
+            let mut stale = Vec::new();
+            for row in devices.iter().skip(keep) {
+                let device: String = sqlx::Row::try_get(row, 0).map_err(|e| map_err(OP, e))?;
+                if rows::int(row, 1)? < idle_before && !spare.contains(&device.as_str()) {
+                    stale.push(device);
+                }
+            }
             for chunk in stale.chunks(500) {
+                // Rows written since the read above (an ack) stay.
                 let sql = self.sql_owned(format!(
-                    "DELETE FROM device_cursors WHERE user_id = ? AND device_id IN ({})",
+                    "DELETE FROM device_cursors WHERE user_id = ? AND updated_at < ? AND device_id IN ({})",
                     placeholders(chunk.len())
                 ));
-                let mut query = sqlx::query(&sql).bind(user);
+                let mut query = sqlx::query(&sql).bind(user).bind(idle_before);
                 for device in chunk {
                     query = query.bind(device.as_str());
                 }

@@ -57,6 +57,8 @@ pub struct DeliveryConfig {
     pub ack_flush_interval: Duration,
     /// How often, at most, one user's stale devices are forgotten.
     pub device_prune_every: Duration,
+    /// Only devices that have not acknowledged for this long are forgotten.
+    pub device_forget_idle: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -72,6 +74,7 @@ impl Default for DeliveryConfig {
             session: SessionLimits::default(),
             ack_flush_interval: Duration::from_millis(500),
             device_prune_every: Duration::from_secs(600),
+            device_forget_idle: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -128,16 +131,26 @@ impl Delivery {
     }
 
     /// A device with no cursors connected: every device id a client makes
-    /// up would otherwise keep its cursors forever, so the least recent
-    /// devices make room (in the background, off the connect path).
+    /// up would otherwise keep its cursors forever, so past 100 devices the
+    /// least recent ones that have been silent for `device_forget_idle` and
+    /// are not connected make room (in the background, off the connect path).
     fn forget_stale_devices(&self, user_id: UserId) {
-        if self.pruned.contains_key(&user_id) {
+        if !self.pruned.entry(user_id).or_insert(()).is_fresh() {
             return;
         }
-        self.pruned.insert(user_id, ());
         let store = self.store.clone();
+        // Connected devices are spared: their latest acks may still be in
+        // the ack buffer.
+        let connected: Vec<Arc<str>> = self
+            .hub
+            .user_connections(user_id)
+            .map(|c| c.iter().map(|h| h.device_id.clone()).collect())
+            .unwrap_or_default();
+        let idle_before = crate::clock::now_ms().saturating_sub(self.config.device_forget_idle.as_millis() as i64);
         tokio::spawn(async move {
-            if let Err(e) = store.forget_stale_devices(user_id, MAX_DEVICES_PER_USER - 1).await {
+            let spare: Vec<&str> = connected.iter().map(|d| &**d).collect();
+            let keep = MAX_DEVICES_PER_USER - 1;
+            if let Err(e) = store.forget_stale_devices(user_id, keep, idle_before, &spare).await {
                 tracing::warn!(error = %e, user = user_id, "cannot forget stale devices");
             }
         });

@@ -374,8 +374,12 @@ async fn device_cursors_and_stale_devices(s: DynStore) {
     assert!(s.device_cursors(u.id, "nope").await.unwrap().is_empty());
     // d0 acknowledges again: now the most recent.
     s.save_cursors(&[cursor("d0", room.id, 1)]).await.unwrap();
-    assert_eq!(s.forget_stale_devices(u.id, 10).await.unwrap(), 0);
-    assert_eq!(s.forget_stale_devices(u.id, 2).await.unwrap(), 2);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    assert_eq!(s.forget_stale_devices(u.id, 10, i64::MAX, &[]).await.unwrap(), 0, "few devices");
+    assert_eq!(s.forget_stale_devices(u.id, 2, now - 3_600_000, &[]).await.unwrap(), 0, "none silent an hour");
+    assert_eq!(s.forget_stale_devices(u.id, 2, i64::MAX, &["d1"]).await.unwrap(), 1, "d1 spared");
+    assert!(!s.device_cursors(u.id, "d1").await.unwrap().is_empty());
+    assert_eq!(s.forget_stale_devices(u.id, 2, i64::MAX, &[]).await.unwrap(), 1);
     let kept: Vec<bool> = {
         let mut kept = Vec::new();
         for device in ["d0", "d1", "d2", "d3"] {
@@ -384,7 +388,7 @@ async fn device_cursors_and_stale_devices(s: DynStore) {
         kept
     };
     assert_eq!(kept, vec![true, false, false, true], "d0 and d3 acknowledged last");
-    assert_eq!(s.forget_stale_devices(o.id, 0).await.unwrap(), 0, "a user without devices");
+    assert_eq!(s.forget_stale_devices(o.id, 0, i64::MAX, &[]).await.unwrap(), 0, "a user without devices");
 }
 
 async fn ownership(s: DynStore) {
