@@ -121,9 +121,7 @@ async fn register_login_and_me() {
 
 #[tokio::test]
 async fn failed_logins_are_rate_limited() {
-    let mut config = common::test_config(None);
-    config.auth.max_login_failures_per_minute = 3;
-    let s = TestServer::start_with(config).await;
+    let s = TestServer::start_changed(|c| c.auth.max_login_failures_per_minute = 3).await;
     let anon = s.anon();
     anon.register("victim", PASSWORD, None).await.unwrap();
     for _ in 0..3 {
@@ -145,9 +143,7 @@ async fn failed_logins_are_rate_limited() {
 
     // Logins with the right password count too (each is an argon2 check):
     // one account's password sent in a loop cannot fill the hashing slots.
-    let mut config = common::test_config(None);
-    config.auth.max_logins_per_user_per_minute = 4;
-    let s = TestServer::start_with(config).await;
+    let s = TestServer::start_changed(|c| c.auth.max_logins_per_user_per_minute = 4).await;
     let anon = s.anon();
     anon.register("busy", PASSWORD, None).await.unwrap();
     let logins = (0..10).map(|_| anon.login("busy", PASSWORD));
@@ -176,11 +172,12 @@ async fn auth_from(s: &TestServer, from: &str, path: &str, name: &str, password:
 
 #[tokio::test]
 async fn logins_and_registrations_are_limited_per_client_address() {
-    let mut config = common::test_config(None);
-    config.auth.max_registrations_per_address_per_minute = 2;
-    config.auth.max_login_failures_per_address_per_minute = 3;
-    config.auth.client_address_header = "x-forwarded-for".into();
-    let s = TestServer::start_with(config).await;
+    let s = TestServer::start_changed(|c| {
+        c.auth.max_registrations_per_address_per_minute = 2;
+        c.auth.max_login_failures_per_address_per_minute = 3;
+        c.auth.client_address_header = "x-forwarded-for".into();
+    })
+    .await;
     // The proxy's entry (the last one) names the client; what the client
     // wrote in front of it does not.
     let a = "203.0.113.9, 10.0.0.1";
@@ -213,9 +210,7 @@ async fn logins_and_registrations_are_limited_per_client_address() {
     s.stop().await;
 
     // Without a proxy header the TCP peer is the client.
-    let mut config = common::test_config(None);
-    config.auth.max_registrations_per_address_per_minute = 1;
-    let s = TestServer::start_with(config).await;
+    let s = TestServer::start_changed(|c| c.auth.max_registrations_per_address_per_minute = 1).await;
     let anon = s.anon();
     anon.register("peer-one", PASSWORD, None).await.unwrap();
     let msg = expect_code(anon.register("peer-two", PASSWORD, None).await, 429);
@@ -225,10 +220,11 @@ async fn logins_and_registrations_are_limited_per_client_address() {
 
 #[tokio::test]
 async fn room_creation_and_search_are_limited_per_user() {
-    let mut config = common::test_config(None);
-    config.rooms.max_creations_per_user_per_minute = 2;
-    config.rooms.max_searches_per_user_per_minute = 3;
-    let s = TestServer::start_with(config).await;
+    let s = TestServer::start_changed(|c| {
+        c.rooms.max_creations_per_user_per_minute = 2;
+        c.rooms.max_searches_per_user_per_minute = 3;
+    })
+    .await;
     let (a, b) = (s.user("a").await, s.user("b").await);
     a.create_group("one", &[], None).await.unwrap();
     let direct = a.create_direct(b.user_id()).await.unwrap();
@@ -247,9 +243,7 @@ async fn room_creation_and_search_are_limited_per_user() {
     s.stop().await;
 
     // Joining and leaving in a loop would announce to every member each time.
-    let mut config = common::test_config(None);
-    config.rooms.max_joins_per_user_per_minute = 2;
-    let s = TestServer::start_with(config).await;
+    let s = TestServer::start_changed(|c| c.rooms.max_joins_per_user_per_minute = 2).await;
     let (owner, hopper) = (s.user("o").await, s.user("h").await);
     let room = owner.create_group("lobby", &[], None).await.unwrap();
     let strict = owner.create_group("vip", &[], Some(JoinPolicy::Approval)).await.unwrap();
@@ -555,11 +549,12 @@ async fn restart_keeps_data_and_seq() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_refused_with_503_and_nothing_accepted_is_lost() {
-    let mut config = common::test_config(None);
-    config.database.queue = 1;
-    config.database.max_batch = 1;
-    config.database.enqueue_timeout_ms = 0;
-    let s = TestServer::start_with(config).await;
+    let s = TestServer::start_changed(|c| {
+        c.database.queue = 1;
+        c.database.max_batch = 1;
+        c.database.enqueue_timeout_ms = 0;
+    })
+    .await;
     let a = s.user("a").await;
     let room = a.create_group("flood", &[], None).await.unwrap();
     let mut refused = 0;

@@ -149,6 +149,15 @@ impl CursorStore for SqlStore {
     }
 }
 
+/// The users of `(room, user)` pairs, per room.
+pub(crate) fn users_by_room(pairs: &[(RoomId, UserId)]) -> HashMap<RoomId, Vec<UserId>> {
+    let mut by_room: HashMap<RoomId, Vec<UserId>> = HashMap::new();
+    for (room, user) in pairs {
+        by_room.entry(*room).or_default().push(*user);
+    }
+    by_room
+}
+
 /// Starts new members' read and delivered cursors, and their joined seq, at
 /// their room's last seq.
 pub(crate) async fn start_cursors_at_last_seq(
@@ -156,11 +165,7 @@ pub(crate) async fn start_cursors_at_last_seq(
     dialect: Dialect,
     added: &[(RoomId, UserId)],
 ) -> std::result::Result<(), sqlx::Error> {
-    let mut by_room: HashMap<RoomId, Vec<UserId>> = HashMap::new();
-    for (room, user) in added {
-        by_room.entry(*room).or_default().push(*user);
-    }
-    for (room, users) in by_room {
+    for (room, users) in users_by_room(added) {
         for chunk in users.chunks(500) {
             let sql = dialect
                 .sql(&format!(

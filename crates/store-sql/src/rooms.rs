@@ -1,4 +1,4 @@
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use async_trait::async_trait;
 use sqlx::AnyConnection;
@@ -107,13 +107,9 @@ async fn restore_kept_mutes(
     dialect: Dialect,
     added: &[(RoomId, UserId)],
 ) -> std::result::Result<(), sqlx::Error> {
-    let mut by_room: HashMap<RoomId, Vec<UserId>> = HashMap::new();
-    for (room, user) in added {
-        by_room.entry(*room).or_default().push(*user);
-    }
     let restore = dialect.sql("UPDATE room_members SET mute_until = ? WHERE room_id = ? AND user_id = ?");
     let forget = dialect.sql("DELETE FROM room_mutes WHERE room_id = ? AND user_id = ?");
-    for (room, users) in by_room {
+    for (room, users) in crate::cursors::users_by_room(added) {
         for chunk in users.chunks(500) {
             let sql = dialect
                 .sql(&format!(

@@ -35,6 +35,13 @@ impl TestServer {
         Self::start_with(test_config(None)).await
     }
 
+    /// A server on a fresh SQLite database with the test config changed by `change`.
+    pub async fn start_changed(change: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = test_config(None);
+        change(&mut config);
+        Self::start_with(config).await
+    }
+
     pub async fn start_with(config: Config) -> TestServer {
         let data_dir = config.data_dir.clone();
         let app = App::build(config).await.expect("server builds");
