@@ -53,6 +53,14 @@ pub struct NewRoom<'a> {
     pub join_policy: Option<JoinPolicy>,
 }
 
+/// 403 while a mute runs: a muted member reaches no one in the room.
+fn refuse_if_muted(mute_until: i64) -> Result<()> {
+    if mute_until > now_ms() {
+        return Err(Error::forbidden(format!("you are muted in this room until {mute_until}")));
+    }
+    Ok(())
+}
+
 fn direct_key(a: UserId, b: UserId) -> String {
     format!("{}:{}", a.min(b), a.max(b))
 }
@@ -168,9 +176,7 @@ impl Rooms {
             .member(room_id, user)
             .await?
             .ok_or_else(|| Error::forbidden("you are not a member of this room"))?;
-        if me.mute_until > now_ms() {
-            return Err(Error::forbidden(format!("you are muted in this room until {}", me.mute_until)));
-        }
+        refuse_if_muted(me.mute_until)?;
         Ok(me)
     }
 
@@ -341,9 +347,7 @@ impl Rooms {
     pub async fn change_nickname(&self, actor: UserId, room_id: RoomId, nickname: &str) -> Result<()> {
         let me = self.require_member(room_id, actor).await?;
         let nickname = validate::short_text("nickname", nickname, validate::NICKNAME_MAX, false)?;
-        if me.mute_until > now_ms() {
-            return Err(Error::forbidden(format!("you are muted in this room until {}", me.mute_until)));
-        }
+        refuse_if_muted(me.mute_until)?;
         if me.nickname == nickname {
             return Ok(());
         }
