@@ -92,17 +92,9 @@ impl Accounts {
         // only if no hashing happened (no slot free). A registration that
         // loses a race for its name after hashing still counts: otherwise a
         // burst for one name would hash many times for one count.
-        let attempt = self.registrations_by_address.admit(from);
-        if attempt == Admission::Refused {
-            return Err(Error::RateLimited("too many registrations from this address; wait a minute".into()));
-        }
-        let password_hash = match hash_password(password.to_string()).await {
-            Ok(hash) => hash,
-            Err(e) => {
-                self.registrations_by_address.take_back(from, attempt);
-                return Err(e);
-            }
-        };
+        let why = "too many registrations from this address; wait a minute";
+        let password_hash =
+            self.registrations_by_address.counted(from, why, hash_password(password.to_string())).await?;
         let user = User {
             id: self.ids.next_id(),
             nickname: if nickname.is_empty() { username.clone() } else { nickname },

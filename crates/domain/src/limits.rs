@@ -1,6 +1,8 @@
-//! Attempts per key in fixed one-minute windows: the per-user and
-//! per-address limits on logins, registrations, room creation and search.
+//! Attempts per key in fixed windows: the per-minute, per-user and
+//! per-address limits on logins, registrations, rooms, joins and search, and
+//! how often a user's stale devices are looked for.
 
+use std::future::Future;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -8,6 +10,8 @@ use std::time::{Duration, Instant};
 use moka::ops::compute::Op;
 use moka::sync::Cache;
 use moka::Expiry;
+
+use crate::{Error, Result};
 
 /// What [`AttemptWindow::admit`] decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +70,31 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> AttemptWindow<K> {
         } else {
             Admission::Counted
         }
+    }
+
+    /// [`AttemptWindow::admit`], with a refusal as a 429 saying `why`.
+    pub(crate) fn admit_or(&self, key: Option<K>, why: &str) -> Result<Admission> {
+        match self.admit(key) {
+            Admission::Refused => Err(Error::RateLimited(why.into())),
+            admitted => Ok(admitted),
+        }
+    }
+
+    /// Runs `work` as one attempt for `key` (refused with a 429 saying `why`
+    /// past the limit), taken back if the work fails: only work that was
+    /// done counts.
+    pub(crate) async fn counted<T>(
+        &self,
+        key: Option<K>,
+        why: &str,
+        work: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let attempt = self.admit_or(key.clone(), why)?;
+        let done = work.await;
+        if done.is_err() {
+            self.take_back(key, attempt);
+        }
+        done
     }
 
     /// Takes back an attempt `admit` counted (one that did not fail).

@@ -12,7 +12,7 @@ use stacker_proto::Id;
 use crate::clock::now_ms;
 use crate::fanout::Fanout;
 use crate::ids::IdGenerator;
-use crate::limits::{Admission, AttemptWindow};
+use crate::limits::AttemptWindow;
 use crate::membership::{MemberBrief, MemberCache};
 use crate::model::*;
 use crate::store::Store;
@@ -21,6 +21,11 @@ use crate::{validate, Error, Result};
 /// Most users one create/add_members call may name.
 pub const MAX_MEMBERS_PER_CALL: usize = 1000;
 pub const SEARCH_LIMIT_MAX: u32 = 100;
+
+/// Only rooms really created count (a request that fails validation, or
+/// finds its direct room already there, is not counted).
+const TOO_MANY_ROOMS: &str = "too many rooms created; wait a minute";
+const TOO_MANY_JOINS: &str = "too many joins and join requests; wait a minute";
 
 pub struct Rooms {
     store: Arc<dyn Store>,
@@ -242,12 +247,11 @@ impl Rooms {
             };
             let members =
                 [Member::new(room.id, creator, Role::Owner, now), Member::new(room.id, other, Role::Member, now)];
-            let attempt = self.admit_creation(creator)?;
-            let inserted = self.store.insert_room(&room, &members).await;
-            if inserted.is_err() {
-                self.creations.take_back(Some(creator), attempt);
-            }
-            return match inserted {
+            return match self
+                .creations
+                .counted(Some(creator), TOO_MANY_ROOMS, self.store.insert_room(&room, &members))
+                .await
+            {
                 Ok(()) => {
                     self.announce_joined(room.id, &[other], Some(creator)).await?;
                     Ok(room.id)
@@ -276,24 +280,10 @@ impl Rooms {
         };
         let mut members = vec![Member::new(room.id, creator, Role::Owner, now)];
         members.extend(others.iter().map(|id| Member::new(room.id, *id, Role::Member, now)));
-        let attempt = self.admit_creation(creator)?;
-        if let Err(e) = self.store.insert_room(&room, &members).await {
-            self.creations.take_back(Some(creator), attempt);
-            return Err(e);
-        }
+        self.creations.counted(Some(creator), TOO_MANY_ROOMS, self.store.insert_room(&room, &members)).await?;
         let added: Vec<UserId> = others.into_iter().collect();
         self.announce_joined(room.id, &added, Some(creator)).await?;
         Ok(room.id)
-    }
-
-    /// Counts a room about to be created (a request that fails validation,
-    /// or finds its direct room already there, creates nothing and is not
-    /// counted).
-    fn admit_creation(&self, creator: UserId) -> Result<Admission> {
-        match self.creations.admit(Some(creator)) {
-            Admission::Refused => Err(Error::RateLimited("too many rooms created; wait a minute".into())),
-            counted => Ok(counted),
-        }
     }
 
     /// Adds users as members; returns those actually added.
@@ -404,19 +394,9 @@ impl Rooms {
         if room.join_policy != JoinPolicy::Open {
             return Err(Error::forbidden("this room requires approval: send a join request"));
         }
-        let attempt = self.admit_join(actor)?;
-        let added = self.store.add_members(&[Member::new(room_id, actor, Role::Member, now_ms())]).await;
-        if added.is_err() {
-            self.joins.take_back(Some(actor), attempt);
-        }
-        self.announce_joined(room_id, &added?, None).await
-    }
-
-    fn admit_join(&self, actor: UserId) -> Result<Admission> {
-        match self.joins.admit(Some(actor)) {
-            Admission::Refused => Err(Error::RateLimited("too many joins and join requests; wait a minute".into())),
-            counted => Ok(counted),
-        }
+        let member = [Member::new(room_id, actor, Role::Member, now_ms())];
+        let added = self.joins.counted(Some(actor), TOO_MANY_JOINS, self.store.add_members(&member)).await?;
+        self.announce_joined(room_id, &added, None).await
     }
 
     /// An owner leaves only as the last member (others need a transfer
@@ -450,11 +430,7 @@ impl Rooms {
             status: JoinRequestStatus::Pending,
             created_at: now_ms(),
         };
-        let attempt = self.admit_join(actor)?;
-        if let Err(e) = self.store.insert_join_request(&request).await {
-            self.joins.take_back(Some(actor), attempt);
-            return Err(e);
-        }
+        self.joins.counted(Some(actor), TOO_MANY_JOINS, self.store.insert_join_request(&request)).await?;
         let moderators: Vec<UserId> = self
             .store
             .members(room_id)
@@ -510,9 +486,7 @@ impl Rooms {
         if !(1..=SEARCH_LIMIT_MAX).contains(&limit) {
             return Err(Error::bad_request(format!("limit must be 1 to {SEARCH_LIMIT_MAX}")));
         }
-        if self.searches.admit(Some(actor)) == Admission::Refused {
-            return Err(Error::RateLimited("too many searches; wait a minute".into()));
-        }
+        self.searches.admit_or(Some(actor), "too many searches; wait a minute")?;
         self.store.search_rooms(&query, limit).await
     }
 

@@ -31,6 +31,7 @@ pub use hub::{Chat, ConnHandle, Hub, Push};
 pub use session::{Close, Session, SessionLimits, MAX_DEVICES_PER_USER};
 
 use crate::fanout::Fanout;
+use crate::limits::{Admission, AttemptWindow};
 use crate::model::{Message, RoomId, UserId};
 use crate::store::Store;
 use crate::{Error, Result};
@@ -87,10 +88,11 @@ pub struct Delivery {
     dispatcher: Dispatcher,
     acks: AckBuffer,
     config: DeliveryConfig,
-    /// Users whose stale devices were forgotten lately (at most once per
-    /// user per `device_prune_every`, so that a reconnect storm of devices
-    /// that never acknowledged does not read each user's devices each time).
-    pruned: moka::sync::Cache<UserId, ()>,
+    /// Stale devices are forgotten at most once per user per
+    /// `device_prune_every` (a window of one attempt), so that a reconnect
+    /// storm of devices that never acknowledged does not read each user's
+    /// devices each time.
+    pruned: AttemptWindow<UserId>,
 }
 
 impl Delivery {
@@ -98,7 +100,7 @@ impl Delivery {
         let hub = Arc::new(Hub::new(config.max_connections, config.max_connections_per_user, config.connection_queue));
         let dispatcher = Dispatcher::start(hub.clone(), members.clone(), &config);
         let acks = AckBuffer::start(store.clone(), config.ack_flush_interval);
-        let pruned = moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.device_prune_every).build();
+        let pruned = AttemptWindow::with_window(1, config.device_prune_every);
         Arc::new(Self { store, hub, members, dispatcher, acks, config, pruned })
     }
 
@@ -135,7 +137,7 @@ impl Delivery {
     /// least recent ones that have been silent for `device_forget_idle` and
     /// are not connected make room (in the background, off the connect path).
     fn forget_stale_devices(&self, user_id: UserId) {
-        if !self.pruned.entry(user_id).or_insert(()).is_fresh() {
+        if self.pruned.admit(Some(user_id)) == Admission::Refused {
             return;
         }
         let store = self.store.clone();
