@@ -76,7 +76,6 @@ async fn expect_error(socket: &mut Socket) -> (u16, String) {
     }
 }
 
-/// The next `event` frame.
 /// Reads until the message `seq` arrives; panics on any event frame before it.
 async fn no_event_before(socket: &mut Socket, seq: i64) {
     loop {
@@ -89,6 +88,7 @@ async fn no_event_before(socket: &mut Socket, seq: i64) {
     }
 }
 
+/// The next `event` frame.
 async fn next_event(socket: &mut Socket) -> stacker_proto::ws::Event {
     loop {
         if let ServerFrame::Event(e) = socket.next_frame_within(WAIT).await.unwrap().expect("event frame") {
@@ -246,12 +246,7 @@ async fn every_member_and_every_device_gets_every_message() {
 
     // Errors on a WS send come back as error frames.
     bob_phone.send_message(Id(999), Content::text("nowhere"), None).await.unwrap();
-    loop {
-        if let ServerFrame::Error { code, .. } = bob_phone.next_frame_within(WAIT).await.unwrap().expect("frame") {
-            assert_eq!(code, 404);
-            break;
-        }
-    }
+    assert_eq!(expect_error(&mut bob_phone).await.0, 404);
     s.stop().await;
 }
 
@@ -340,21 +335,12 @@ async fn acks_move_the_device_cursor() {
     // Acks for rooms the user is not in are refused.
     let other = alice.create_group("private", &[], None).await.unwrap();
     again.ack(other, 1).await.unwrap();
-    loop {
-        if let ServerFrame::Error { code, .. } = again.next_frame_within(WAIT).await.unwrap().expect("frame") {
-            assert_eq!(code, 403);
-            break;
-        }
-    }
+    assert_eq!(expect_error(&mut again).await.0, 403);
 
     // A sync naming more than 1,000 rooms is refused whole.
     again.send_frame(&ClientFrame::Sync { cursors: (1..=1001).map(|i| (Id(i), 0)).collect() }).await.unwrap();
-    loop {
-        if let ServerFrame::Error { code, msg } = again.next_frame_within(WAIT).await.unwrap().expect("frame") {
-            assert_eq!(code, 400, "{msg}");
-            break;
-        }
-    }
+    let (code, msg) = expect_error(&mut again).await;
+    assert_eq!(code, 400, "{msg}");
 
     // A device id is trimmed: `phone ` is the phone, whose cursor (10) is
     // behind the laptop's ack (11), which a new device would start from.

@@ -261,12 +261,11 @@ impl Session {
                 }
             }
             Push::Frame(frame) => out.push(frame),
-            // Membership is checked where the store is read (`catch_up_step`),
-            // which forgets a room the user is not in.
+            // Rooms the session does not know are checked against the user's
+            // rooms in one read here (a sync may name 1,000 rooms the user is
+            // not in); known ones are checked where the store is read
+            // (`catch_up_step`), which forgets a room the user has left.
             Push::Sync(rooms) => {
-                // Rooms the session does not know are checked against the
-                // user's rooms in one read, not one each in the catch-up
-                // step: a sync may name 1,000 rooms the user is not in.
                 let joined: HashSet<RoomId> = if rooms.iter().all(|(room, _)| self.cursors.contains_key(room)) {
                     HashSet::new()
                 } else {

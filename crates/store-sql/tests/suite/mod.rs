@@ -305,8 +305,7 @@ async fn mutes_outlast_leaving(s: DynStore) {
     let a = make_user(&s, "mu_a").await;
     let b = make_user(&s, "mu_b").await;
     let room = make_room(&s, "mutes", owner.id, &[a.id, b.id], 1).await;
-    let later =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 + 3_600_000;
+    let later = stacker_domain::clock::now_ms() + 3_600_000;
     let mute_until = |user: UserId| {
         let s = s.clone();
         async move { s.member(room.id, user).await.unwrap().expect("a member").mute_until }
@@ -374,7 +373,7 @@ async fn device_cursors_and_stale_devices(s: DynStore) {
     assert!(s.device_cursors(u.id, "nope").await.unwrap().is_empty());
     // d0 acknowledges again: now the most recent.
     s.save_cursors(&[cursor("d0", room.id, 1)]).await.unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let now = stacker_domain::clock::now_ms();
     assert_eq!(s.forget_stale_devices(u.id, 10, i64::MAX, &[]).await.unwrap(), 0, "few devices");
     assert_eq!(s.forget_stale_devices(u.id, 2, now - 3_600_000, &[]).await.unwrap(), 0, "none silent an hour");
     assert_eq!(s.forget_stale_devices(u.id, 2, i64::MAX, &["d1"]).await.unwrap(), 1, "d1 spared");
