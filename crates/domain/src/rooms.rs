@@ -15,7 +15,7 @@ use crate::ids::IdGenerator;
 use crate::limits::AttemptWindow;
 use crate::membership::{MemberBrief, MemberCache};
 use crate::model::*;
-use crate::store::Store;
+use crate::store::{Store, ROOM_CLOSED};
 use crate::{validate, Error, Result};
 
 /// Most users one create/add_members call may name.
@@ -321,12 +321,14 @@ impl Rooms {
     pub async fn leave(&self, actor: UserId, room_id: RoomId) -> Result<()> {
         self.group_room(room_id).await?;
         let me = self.require_member(room_id, actor).await?;
-        if me.role == Role::Owner && self.store.members(room_id).await?.len() > 1 {
-            return Err(Error::conflict(
-                "the owner must transfer ownership (change_member_role with new_role 0) before leaving",
-            ));
-        }
-        if self.store.remove_member(room_id, actor).await? {
+        let removed = if me.role == Role::Owner {
+            self.store.remove_last_member(room_id, actor).await?.ok_or_else(|| {
+                Error::conflict("the owner must transfer ownership (change_member_role with new_role 0) before leaving")
+            })?
+        } else {
+            self.store.remove_member(room_id, actor).await?
+        };
+        if removed {
             self.announce_left(room_id, actor, None).await?;
         }
         Ok(())
@@ -404,7 +406,7 @@ impl Rooms {
     /// it takes no one in.
     async fn require_open_for_joins(&self, room: &Room) -> Result<()> {
         if self.store.member(room.id, room.owner_id).await?.is_none() {
-            return Err(Error::not_found("this room is closed: its owner left it last"));
+            return Err(Error::not_found(ROOM_CLOSED));
         }
         Ok(())
     }

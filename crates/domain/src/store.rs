@@ -10,6 +10,9 @@ use async_trait::async_trait;
 use crate::model::*;
 use crate::Result;
 
+/// Why a room takes no one in: its owner left it as the last member.
+pub const ROOM_CLOSED: &str = "this room is closed: its owner left it last";
+
 #[async_trait]
 pub trait UserStore: Send + Sync {
     /// `Conflict` when the username is taken.
@@ -36,10 +39,16 @@ pub trait RoomStore: Send + Sync {
     async fn members(&self, room: RoomId) -> Result<Vec<Member>>;
     /// Inserts those not yet members, with read and delivered cursors at the
     /// room's current last seq (history before joining is not "unread");
-    /// returns the user ids actually added.
+    /// returns the user ids actually added. `NotFound` ([`ROOM_CLOSED`]) when
+    /// the room's owner is not a member, checked in the same transaction, so
+    /// a join racing the owner's last leave cannot leave members with no owner.
     async fn add_members(&self, members: &[Member]) -> Result<Vec<UserId>>;
     /// False when the user was not a member.
     async fn remove_member(&self, room: RoomId, user: UserId) -> Result<bool>;
+    /// [`remove_member`](Self::remove_member) only if nobody else is a member
+    /// (an owner leaves last), checked in the same transaction as the removal
+    /// and serialized with `add_members`. `None` when others are members.
+    async fn remove_last_member(&self, room: RoomId, user: UserId) -> Result<Option<bool>>;
     /// False when the user is not a member.
     async fn update_member(&self, room: RoomId, user: UserId, change: &MemberChange) -> Result<bool>;
     /// Atomically: `to` becomes owner, `from` becomes admin, the room's owner_id is `to`.
@@ -56,6 +65,7 @@ pub trait RoomStore: Send + Sync {
     /// Marks a pending request approved (adding `member` unless it is a
     /// member already) or rejected, in one transaction. `None` when the
     /// request was no longer pending; otherwise whether `member` was added.
+    /// `NotFound` ([`ROOM_CLOSED`]) as for `add_members`.
     async fn decide_join_request(&self, id: i64, approve: bool, member: Option<&Member>) -> Result<Option<bool>>;
 }
 

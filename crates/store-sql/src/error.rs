@@ -87,7 +87,10 @@ fn clash_text(e: &sqlx::Error) -> String {
 /// the database's error text.
 fn unique_subject(text: &str) -> &'static str {
     let text = text.to_ascii_lowercase();
-    if text.contains("username") {
+    // SQLite names the columns (join_requests.user_id), the others the index.
+    if text.contains("join_requests") {
+        "a pending join request of yours for this room"
+    } else if text.contains("username") {
         "a user with that username"
     } else if text.contains("direct_key") {
         "a direct room between these users"

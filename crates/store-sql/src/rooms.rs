@@ -1,10 +1,10 @@
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use async_trait::async_trait;
 use sqlx::AnyConnection;
 use stacker_domain::clock::now_ms;
 use stacker_domain::model::*;
-use stacker_domain::store::RoomStore;
+use stacker_domain::store::{RoomStore, ROOM_CLOSED};
 use stacker_domain::{Error, Result};
 
 use crate::dialect::{contains_pattern, value_groups, Dialect};
@@ -57,9 +57,13 @@ async fn insert_members_if_absent(
     conn: &mut AnyConnection,
     dialect: Dialect,
     members: &[Member],
-) -> std::result::Result<Vec<(RoomId, UserId)>, sqlx::Error> {
+) -> std::result::Result<Vec<(RoomId, UserId)>, Fail> {
     let mut seen = HashSet::with_capacity(members.len());
     let unique: Vec<&Member> = members.iter().filter(|m| seen.insert((m.room_id, m.user_id))).collect();
+    let rooms: BTreeSet<RoomId> = unique.iter().map(|m| m.room_id).collect();
+    for room in rooms {
+        require_owner_present(conn, dialect, room).await?;
+    }
     let (head, tail) = dialect.insert_ignore();
     let mut inserted = HashSet::with_capacity(unique.len());
     match dialect {
@@ -97,6 +101,76 @@ async fn insert_members_if_absent(
     crate::cursors::start_cursors_at_last_seq(conn, dialect, &added).await?;
     restore_kept_mutes(conn, dialect, &added).await?;
     Ok(added)
+}
+
+/// Deletes a member row, keeping a running mute for a rejoin.
+async fn delete_member(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    room: RoomId,
+    user: UserId,
+) -> std::result::Result<bool, Fail> {
+    // The row is locked first (SQLite: one writer at a time), so a
+    // concurrent removal waits and then finds nothing, and an
+    // unmute either lands before this read or waits for it.
+    let lock = match dialect {
+        Dialect::Sqlite => "",
+        _ => " FOR UPDATE",
+    };
+    let sql = dialect
+        .sql(&format!("SELECT mute_until FROM room_members WHERE room_id = ? AND user_id = ?{lock}"))
+        .into_owned();
+    let Some(row) = sqlx::query(&sql).bind(room).bind(user).fetch_optional(&mut *conn).await? else {
+        return Ok(false);
+    };
+    let mute_until = row_int(&row, 0)?;
+    let sql = dialect.sql("DELETE FROM room_members WHERE room_id = ? AND user_id = ?");
+    sqlx::query(&sql).bind(room).bind(user).execute(&mut *conn).await?;
+    // A mute still running is kept for a rejoin (an upsert: no
+    // read-then-insert gap for two removals to deadlock on).
+    if mute_until > now_ms() {
+        let keep = match dialect {
+            Dialect::Mysql => {
+                "INSERT INTO room_mutes (room_id, user_id, mute_until) VALUES (?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE mute_until = VALUES(mute_until)"
+            }
+            _ => {
+                "INSERT INTO room_mutes (room_id, user_id, mute_until) VALUES (?, ?, ?) \
+                 ON CONFLICT (room_id, user_id) DO UPDATE SET mute_until = excluded.mute_until"
+            }
+        };
+        sqlx::query(&dialect.sql(keep)).bind(room).bind(user).bind(mute_until).execute(&mut *conn).await?;
+    }
+    Ok(true)
+}
+
+/// Refuses to add anyone to a room whose owner is not a member: the owner
+/// left it last, and it takes no one in. The rooms row is share-locked (rooms
+/// row first, as everywhere), so this and an owner's last leave, which locks
+/// it for update, are serialized: one sees the other's result.
+async fn require_owner_present(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    room: RoomId,
+) -> std::result::Result<(), Fail> {
+    let lock = match dialect {
+        Dialect::Sqlite => "", // one writer at a time (BEGIN IMMEDIATE)
+        Dialect::Mysql => " LOCK IN SHARE MODE",
+        // Not in conflict with the appends' seq updates, only with FOR UPDATE.
+        Dialect::Postgres => " FOR KEY SHARE",
+    };
+    let sql = dialect.sql(&format!("SELECT owner_id FROM rooms WHERE id = ?{lock}")).into_owned();
+    let Some(row) = sqlx::query(&sql).bind(room).fetch_optional(&mut *conn).await? else {
+        return Err(Fail::Domain(Error::not_found("room not found")));
+    };
+    // A statement of its own, after the lock is held: PostgreSQL re-checks
+    // only the locked row of a statement that waited, not what it joined.
+    let owner = row_int(&row, 0)?;
+    let sql = dialect.sql(&format!("SELECT 1 FROM room_members WHERE room_id = ? AND user_id = ?{lock}")).into_owned();
+    if sqlx::query(&sql).bind(room).bind(owner).fetch_optional(&mut *conn).await?.is_none() {
+        return Err(Fail::Domain(Error::not_found(ROOM_CLOSED)));
+    }
+    Ok(())
 }
 
 /// Puts the mutes kept when members left back on the `(room, user)` pairs
@@ -245,7 +319,7 @@ impl RoomStore for SqlStore {
                 return Ok(Vec::new());
             }
             let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
-            let result = insert_members_if_absent(&mut tx, self.dialect, members).await.map_err(Fail::from);
+            let result = insert_members_if_absent(&mut tx, self.dialect, members).await;
             let added = finish(tx, result).await.map_err(|f| f.into_error(OP))?;
             Ok(added.into_iter().map(|(_, user)| user).collect())
         })
@@ -256,38 +330,33 @@ impl RoomStore for SqlStore {
         const OP: &str = "remove_member";
         observe(OP, async {
             let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
+            let result = delete_member(&mut tx, self.dialect, room, user).await;
+            finish(tx, result).await.map_err(|f| f.into_error(OP))
+        })
+        .await
+    }
+
+    async fn remove_last_member(&self, room: RoomId, user: UserId) -> Result<Option<bool>> {
+        const OP: &str = "remove_last_member";
+        observe(OP, async {
+            let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
             let result = async {
-                // The row is locked first (SQLite: one writer at a time), so a
-                // concurrent removal waits and then finds nothing, and an
-                // unmute either lands before this read or waits for it.
+                // The rooms row first, for update: `add_members` share-locks
+                // it, so a join either committed before this read or waits
+                // and then finds the owner gone.
                 let lock = match self.dialect {
                     Dialect::Sqlite => "",
                     _ => " FOR UPDATE",
                 };
-                let sql = self
-                    .sql_owned(format!("SELECT mute_until FROM room_members WHERE room_id = ? AND user_id = ?{lock}"));
-                let Some(row) = sqlx::query(&sql).bind(room).bind(user).fetch_optional(&mut *tx).await? else {
-                    return Ok::<_, Fail>(false);
-                };
-                let mute_until = row_int(&row, 0)?;
-                let sql = self.sql("DELETE FROM room_members WHERE room_id = ? AND user_id = ?");
-                sqlx::query(&sql).bind(room).bind(user).execute(&mut *tx).await?;
-                // A mute still running is kept for a rejoin (an upsert: no
-                // read-then-insert gap for two removals to deadlock on).
-                if mute_until > now_ms() {
-                    let keep = match self.dialect {
-                        Dialect::Mysql => {
-                            "INSERT INTO room_mutes (room_id, user_id, mute_until) VALUES (?, ?, ?) \
-                             ON DUPLICATE KEY UPDATE mute_until = VALUES(mute_until)"
-                        }
-                        _ => {
-                            "INSERT INTO room_mutes (room_id, user_id, mute_until) VALUES (?, ?, ?) \
-                             ON CONFLICT (room_id, user_id) DO UPDATE SET mute_until = excluded.mute_until"
-                        }
-                    };
-                    sqlx::query(&self.sql(keep)).bind(room).bind(user).bind(mute_until).execute(&mut *tx).await?;
+                let sql = self.sql_owned(format!("SELECT id FROM rooms WHERE id = ?{lock}"));
+                if sqlx::query(&sql).bind(room).fetch_optional(&mut *tx).await?.is_none() {
+                    return Ok::<_, Fail>(Some(false));
                 }
-                Ok(true)
+                let sql = self.sql("SELECT 1 FROM room_members WHERE room_id = ? AND user_id <> ? LIMIT 1");
+                if sqlx::query(&sql).bind(room).bind(user).fetch_optional(&mut *tx).await?.is_some() {
+                    return Ok(None);
+                }
+                Ok(Some(delete_member(&mut tx, self.dialect, room, user).await?))
             }
             .await;
             finish(tx, result).await.map_err(|f| f.into_error(OP))

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use stacker_domain::model::*;
-use stacker_domain::store::Store;
+use stacker_domain::store::{Store, ROOM_CLOSED};
 use stacker_domain::Error;
 
 pub type DynStore = Arc<dyn Store>;
@@ -349,6 +349,63 @@ async fn mutes_outlast_leaving(s: DynStore) {
     assert_eq!(mute_until(a.id).await, 0);
 }
 
+/// An owner leaves only last, and a room whose owner left takes no one in;
+/// both are checked in the write's own transaction, so a join racing the
+/// owner's last leave never leaves members with no owner.
+async fn owner_leaves_last(s: DynStore) {
+    let o = make_user(&s, "ol_o").await;
+    let a = make_user(&s, "ol_a").await;
+    let room = make_room(&s, "owner-leaves", o.id, &[a.id], 1).await;
+    assert_eq!(s.remove_last_member(room.id, o.id).await.unwrap(), None, "a is still a member");
+    assert!(s.member(room.id, o.id).await.unwrap().is_some(), "nothing removed");
+    assert!(s.remove_member(room.id, a.id).await.unwrap());
+    assert_eq!(s.remove_last_member(-1, o.id).await.unwrap(), Some(false), "no such room");
+    assert_eq!(s.remove_last_member(room.id, o.id).await.unwrap(), Some(true), "alone: removed");
+    assert_eq!(s.remove_last_member(room.id, o.id).await.unwrap(), Some(false), "not a member");
+    assert_eq!(s.member(room.id, o.id).await.unwrap(), None);
+
+    let closed = |r: Result<Vec<UserId>, Error>| matches!(r, Err(Error::NotFound(why)) if why == ROOM_CLOSED);
+    assert!(closed(s.add_members(&[Member::new(room.id, a.id, Role::Member, 2)]).await), "closed room");
+    assert!(s.members(room.id).await.unwrap().is_empty());
+    let unknown = s.add_members(&[Member::new(-1, a.id, Role::Member, 2)]).await;
+    assert!(matches!(unknown, Err(Error::NotFound(_))), "{unknown:?}");
+
+    // An approval into a closed room fails whole: the request stays pending.
+    let open = make_room(&s, "owner-leaves-2", o.id, &[], 1).await;
+    let request = JoinRequest {
+        id: id(),
+        room_id: open.id,
+        user_id: a.id,
+        message: String::new(),
+        status: JoinRequestStatus::Pending,
+        created_at: 3,
+    };
+    s.insert_join_request(&request).await.unwrap();
+    assert_eq!(s.remove_last_member(open.id, o.id).await.unwrap(), Some(true));
+    let approved = s.decide_join_request(request.id, true, Some(&Member::new(open.id, a.id, Role::Member, 4))).await;
+    assert!(matches!(&approved, Err(Error::NotFound(why)) if why == ROOM_CLOSED), "{approved:?}");
+    assert_eq!(s.join_request(request.id).await.unwrap().unwrap().status, JoinRequestStatus::Pending);
+
+    // Races: a join and the owner's last leave at once, in many rooms. One
+    // of the two wins; never a member without the owner.
+    for i in 0..20 {
+        let owner = make_user(&s, &format!("olr_o{i}")).await;
+        let joiner = make_user(&s, &format!("olr_j{i}")).await;
+        let room = make_room(&s, "owner-leaves-race", owner.id, &[], 1).await;
+        let join = [Member::new(room.id, joiner.id, Role::Member, 5)];
+        let (left, joined) = tokio::join!(s.remove_last_member(room.id, owner.id), s.add_members(&join));
+        let members: Vec<UserId> = s.members(room.id).await.unwrap().iter().map(|m| m.user_id).collect();
+        match (left.unwrap(), joined) {
+            (Some(true), Err(Error::NotFound(_))) => assert!(members.is_empty(), "{members:?}"),
+            (None, Ok(added)) => {
+                assert_eq!(added, vec![joiner.id]);
+                assert_eq!(members, vec![owner.id, joiner.id]);
+            }
+            other => panic!("race {i}: {other:?}, members {members:?}"),
+        }
+    }
+}
+
 /// Device cursors: saved per device and room (members only), and all but
 /// the most recently acknowledging devices of a user can be forgotten.
 async fn device_cursors_and_stale_devices(s: DynStore) {
@@ -511,6 +568,12 @@ async fn join_requests(s: DynStore) {
     s.insert_join_request(&ra).await.unwrap();
     s.insert_join_request(&rb).await.unwrap();
     assert!(matches!(s.insert_join_request(&ra).await, Err(Error::Conflict(_))), "same request id twice");
+    // One pending request per user and room, whatever its id: two sent at
+    // once both pass the domain's "already pending?" read.
+    match s.insert_join_request(&req(a.id, 21)).await {
+        Err(Error::Conflict(why)) => assert!(why.contains("pending join request"), "{why}"),
+        other => panic!("a second pending request: {other:?}"),
+    }
     assert_eq!(s.join_request(ra.id).await.unwrap(), Some(ra.clone()));
     assert_eq!(s.join_request(-1).await.unwrap(), None);
     assert_eq!(s.pending_join_request(room.id, a.id).await.unwrap(), Some(ra.clone()));
@@ -948,6 +1011,7 @@ pub async fn run(s: DynStore) -> usize {
         member_updates,
         add_and_remove_members,
         mutes_outlast_leaving,
+        owner_leaves_last,
         device_cursors_and_stale_devices,
         ownership,
         joined_rooms,
