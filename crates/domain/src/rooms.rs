@@ -15,7 +15,7 @@ use crate::ids::IdGenerator;
 use crate::limits::AttemptWindow;
 use crate::membership::{MemberBrief, MemberCache};
 use crate::model::*;
-use crate::store::{Store, ROOM_CLOSED};
+use crate::store::{Removal, Store, ROOM_CLOSED};
 use crate::{validate, Error, Result};
 
 /// Most users one create/add_members call may name.
@@ -312,26 +312,26 @@ impl Rooms {
         if them.role <= me.role {
             return Err(Error::forbidden("you may only remove members of a lower role than yours"));
         }
-        if self.store.remove_member(room_id, target).await? {
-            self.announce_left(room_id, target, Some(actor)).await?;
+        match self.store.remove_member(room_id, target).await? {
+            Removal::Removed => self.announce_left(room_id, target, Some(actor)).await,
+            Removal::NotMember => Ok(()),
+            // Ownership moved to them since their role was read.
+            Removal::OwnerNotLast => Err(Error::forbidden("you may only remove members of a lower role than yours")),
         }
-        Ok(())
     }
 
     pub async fn leave(&self, actor: UserId, room_id: RoomId) -> Result<()> {
         self.group_room(room_id).await?;
-        let me = self.require_member(room_id, actor).await?;
-        let removed = if me.role == Role::Owner {
-            self.store.remove_last_member(room_id, actor).await?.ok_or_else(|| {
-                Error::conflict("the owner must transfer ownership (change_member_role with new_role 0) before leaving")
-            })?
-        } else {
-            self.store.remove_member(room_id, actor).await?
-        };
-        if removed {
-            self.announce_left(room_id, actor, None).await?;
+        self.require_member(room_id, actor).await?;
+        // The store judges by the owner at the time of the removal, not by
+        // the role read above (ownership may have moved meanwhile).
+        match self.store.remove_member(room_id, actor).await? {
+            Removal::Removed => self.announce_left(room_id, actor, None).await,
+            Removal::NotMember => Ok(()),
+            Removal::OwnerNotLast => Err(Error::conflict(
+                "the owner must transfer ownership (change_member_role with new_role 0) before leaving",
+            )),
         }
-        Ok(())
     }
 
     /// A change every member hears of, so a muted member may not make it

@@ -13,6 +13,15 @@ use crate::Result;
 /// Why a room takes no one in: its owner left it as the last member.
 pub const ROOM_CLOSED: &str = "this room is closed: its owner left it last";
 
+/// What [`RoomStore::remove_member`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Removed,
+    NotMember,
+    /// The user owns the room and others are still members: nothing changed.
+    OwnerNotLast,
+}
+
 #[async_trait]
 pub trait UserStore: Send + Sync {
     /// `Conflict` when the username is taken.
@@ -43,12 +52,12 @@ pub trait RoomStore: Send + Sync {
     /// the room's owner is not a member, checked in the same transaction, so
     /// a join racing the owner's last leave cannot leave members with no owner.
     async fn add_members(&self, members: &[Member]) -> Result<Vec<UserId>>;
-    /// False when the user was not a member.
-    async fn remove_member(&self, room: RoomId, user: UserId) -> Result<bool>;
-    /// [`remove_member`](Self::remove_member) only if nobody else is a member
-    /// (an owner leaves last), checked in the same transaction as the removal
-    /// and serialized with `add_members`. `None` when others are members.
-    async fn remove_last_member(&self, room: RoomId, user: UserId) -> Result<Option<bool>>;
+    /// Removes a member, keeping a running mute for a rejoin. The room's
+    /// owner is removed only as its last member ([`Removal::OwnerNotLast`]
+    /// otherwise), judged by the owner at the time of the removal, in its
+    /// transaction, and serialized with `add_members` and ownership
+    /// transfers: a room never keeps members without its owner.
+    async fn remove_member(&self, room: RoomId, user: UserId) -> Result<Removal>;
     /// False when the user is not a member.
     async fn update_member(&self, room: RoomId, user: UserId, change: &MemberChange) -> Result<bool>;
     /// Atomically: `to` becomes owner, `from` becomes admin, the room's owner_id is `to`.

@@ -87,8 +87,8 @@ fn clash_text(e: &sqlx::Error) -> String {
 /// the database's error text.
 fn unique_subject(text: &str) -> &'static str {
     let text = text.to_ascii_lowercase();
-    // SQLite names the columns (join_requests.user_id), the others the index.
-    if text.contains("join_requests") {
+    // SQLite names the columns, the others the index.
+    if text.contains("join_requests_pending") || text.contains("join_requests.room_id") {
         "a pending join request of yours for this room"
     } else if text.contains("username") {
         "a user with that username"

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use sqlx::AnyConnection;
 use stacker_domain::clock::now_ms;
 use stacker_domain::model::*;
-use stacker_domain::store::{RoomStore, ROOM_CLOSED};
+use stacker_domain::store::{Removal, RoomStore, ROOM_CLOSED};
 use stacker_domain::{Error, Result};
 
 use crate::dialect::{contains_pattern, value_groups, Dialect};
@@ -60,10 +60,6 @@ async fn insert_members_if_absent(
 ) -> std::result::Result<Vec<(RoomId, UserId)>, Fail> {
     let mut seen = HashSet::with_capacity(members.len());
     let unique: Vec<&Member> = members.iter().filter(|m| seen.insert((m.room_id, m.user_id))).collect();
-    let rooms: BTreeSet<RoomId> = unique.iter().map(|m| m.room_id).collect();
-    for room in rooms {
-        require_owner_present(conn, dialect, room).await?;
-    }
     let (head, tail) = dialect.insert_ignore();
     let mut inserted = HashSet::with_capacity(unique.len());
     match dialect {
@@ -103,6 +99,25 @@ async fn insert_members_if_absent(
     Ok(added)
 }
 
+/// The suffix of a `SELECT` that locks its rows for update (SQLite: none, it
+/// has one writer at a time, `BEGIN IMMEDIATE`).
+fn lock_for_update(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::Sqlite => "",
+        _ => " FOR UPDATE",
+    }
+}
+
+/// The suffix of a `SELECT` that share-locks its rows: it waits for a
+/// transaction holding them for update, and then reads its committed result.
+fn lock_for_share(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::Sqlite => "",
+        Dialect::Mysql => " LOCK IN SHARE MODE",
+        Dialect::Postgres => " FOR SHARE",
+    }
+}
+
 /// Deletes a member row, keeping a running mute for a rejoin.
 async fn delete_member(
     conn: &mut AnyConnection,
@@ -113,10 +128,7 @@ async fn delete_member(
     // The row is locked first (SQLite: one writer at a time), so a
     // concurrent removal waits and then finds nothing, and an
     // unmute either lands before this read or waits for it.
-    let lock = match dialect {
-        Dialect::Sqlite => "",
-        _ => " FOR UPDATE",
-    };
+    let lock = lock_for_update(dialect);
     let sql = dialect
         .sql(&format!("SELECT mute_until FROM room_members WHERE room_id = ? AND user_id = ?{lock}"))
         .into_owned();
@@ -153,12 +165,7 @@ async fn require_owner_present(
     dialect: Dialect,
     room: RoomId,
 ) -> std::result::Result<(), Fail> {
-    let lock = match dialect {
-        Dialect::Sqlite => "", // one writer at a time (BEGIN IMMEDIATE)
-        Dialect::Mysql => " LOCK IN SHARE MODE",
-        // Not in conflict with the appends' seq updates, only with FOR UPDATE.
-        Dialect::Postgres => " FOR KEY SHARE",
-    };
+    let lock = lock_for_share(dialect);
     let sql = dialect.sql(&format!("SELECT owner_id FROM rooms WHERE id = ?{lock}")).into_owned();
     let Some(row) = sqlx::query(&sql).bind(room).fetch_optional(&mut *conn).await? else {
         return Err(Fail::Domain(Error::not_found("room not found")));
@@ -319,44 +326,48 @@ impl RoomStore for SqlStore {
                 return Ok(Vec::new());
             }
             let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
-            let result = insert_members_if_absent(&mut tx, self.dialect, members).await;
+            let result = async {
+                let rooms: BTreeSet<RoomId> = members.iter().map(|m| m.room_id).collect();
+                for room in rooms {
+                    require_owner_present(&mut tx, self.dialect, room).await?;
+                }
+                insert_members_if_absent(&mut tx, self.dialect, members).await
+            }
+            .await;
             let added = finish(tx, result).await.map_err(|f| f.into_error(OP))?;
             Ok(added.into_iter().map(|(_, user)| user).collect())
         })
         .await
     }
 
-    async fn remove_member(&self, room: RoomId, user: UserId) -> Result<bool> {
+    async fn remove_member(&self, room: RoomId, user: UserId) -> Result<Removal> {
         const OP: &str = "remove_member";
         observe(OP, async {
             let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
-            let result = delete_member(&mut tx, self.dialect, room, user).await;
-            finish(tx, result).await.map_err(|f| f.into_error(OP))
-        })
-        .await
-    }
-
-    async fn remove_last_member(&self, room: RoomId, user: UserId) -> Result<Option<bool>> {
-        const OP: &str = "remove_last_member";
-        observe(OP, async {
-            let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
             let result = async {
-                // The rooms row first, for update: `add_members` share-locks
-                // it, so a join either committed before this read or waits
-                // and then finds the owner gone.
-                let lock = match self.dialect {
-                    Dialect::Sqlite => "",
-                    _ => " FOR UPDATE",
+                // The rooms row first, for update: ownership transfers lock
+                // it too, and `add_members` share-locks it, so the owner read
+                // here is current and a join either committed before the
+                // member read below or waits and then finds the owner gone.
+                let sql =
+                    self.sql_owned(format!("SELECT owner_id FROM rooms WHERE id = ?{}", lock_for_update(self.dialect)));
+                let Some(row) = sqlx::query(&sql).bind(room).fetch_optional(&mut *tx).await? else {
+                    return Ok::<_, Fail>(Removal::NotMember);
                 };
-                let sql = self.sql_owned(format!("SELECT id FROM rooms WHERE id = ?{lock}"));
-                if sqlx::query(&sql).bind(room).fetch_optional(&mut *tx).await?.is_none() {
-                    return Ok::<_, Fail>(Some(false));
+                if row_int(&row, 0)? == user {
+                    let sql = self.sql_owned(format!(
+                        "SELECT 1 FROM room_members WHERE room_id = ? AND user_id <> ? LIMIT 1{}",
+                        lock_for_share(self.dialect)
+                    ));
+                    if sqlx::query(&sql).bind(room).bind(user).fetch_optional(&mut *tx).await?.is_some() {
+                        return Ok(Removal::OwnerNotLast);
+                    }
                 }
-                let sql = self.sql("SELECT 1 FROM room_members WHERE room_id = ? AND user_id <> ? LIMIT 1");
-                if sqlx::query(&sql).bind(room).bind(user).fetch_optional(&mut *tx).await?.is_some() {
-                    return Ok(None);
-                }
-                Ok(Some(delete_member(&mut tx, self.dialect, room, user).await?))
+                Ok(if delete_member(&mut tx, self.dialect, room, user).await? {
+                    Removal::Removed
+                } else {
+                    Removal::NotMember
+                })
             }
             .await;
             finish(tx, result).await.map_err(|f| f.into_error(OP))
@@ -542,6 +553,10 @@ impl RoomStore for SqlStore {
             let decided_at = member.map(|m| m.joined_at).unwrap_or_else(now_ms);
             let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
             let result = async {
+                // The rooms row before the request's, as `add_members` does.
+                if let (true, Some(member)) = (approve, member) {
+                    require_owner_present(&mut tx, self.dialect, member.room_id).await?;
+                }
                 let sql = self.sql("UPDATE join_requests SET status = ?, decided_at = ? WHERE id = ? AND status = ?");
                 let done = sqlx::query(&sql)
                     .bind(rows::status_code(status))

@@ -11,7 +11,7 @@ use stacker_domain::delivery::{Delivery, DeliveryConfig, Frame, Push, Session};
 use stacker_domain::fanout::Fanout;
 use stacker_domain::membership::MemberCache;
 use stacker_domain::model::{Content, Message, NewMessage};
-use stacker_domain::store::{MessageStore, RoomStore, Store};
+use stacker_domain::store::{MessageStore, Removal, RoomStore, Store};
 use tokio::sync::mpsc::Receiver;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -306,7 +306,7 @@ async fn a_removed_member_reads_nothing_more_from_the_store() {
     }
 
     // Removed in the store only: no Left push reaches the sessions.
-    assert!(db.store.remove_member(room, reader).await.expect("removed"), "was a member");
+    assert_eq!(db.store.remove_member(room, reader).await.expect("removed"), Removal::Removed);
     db.store.append(&(2..=3).map(stored).collect::<Vec<_>>()).await.expect("stored");
     // A message ahead of the cursor: after the gap wait the room would be read from the store.
     phone.offer(Push::message(room, 3, Frame::from_string(r#"{"type":"chat","seq":3}"#.into())), WAIT).await;

@@ -7,7 +7,8 @@ JOIN join_requests AS older
  AND older.status = 0 AND older.id < newer.id
 WHERE newer.status = 0;
 -- MySQL has no partial index: the user id only while pending (NULL, which
--- a unique index does not compare, once decided).
+-- a unique index does not compare, once decided). One ALTER: DDL commits
+-- on its own, and the column is of no use without the index.
 ALTER TABLE join_requests
-    ADD COLUMN pending_user_id BIGINT AS (CASE WHEN status = 0 THEN user_id END) STORED;
-CREATE UNIQUE INDEX join_requests_pending ON join_requests (room_id, pending_user_id);
+    ADD COLUMN pending_user_id BIGINT AS (CASE WHEN status = 0 THEN user_id END) STORED,
+    ADD UNIQUE INDEX join_requests_pending (room_id, pending_user_id);

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use stacker_domain::model::*;
-use stacker_domain::store::{Store, ROOM_CLOSED};
+use stacker_domain::store::{Removal, Store, ROOM_CLOSED};
 use stacker_domain::Error;
 
 pub type DynStore = Arc<dyn Store>;
@@ -270,9 +270,9 @@ async fn add_and_remove_members(s: DynStore) {
     assert_eq!(ids.len(), 4);
     assert_eq!(&ids[2..], &[b.id, c.id][..], "join order: later joiners last");
 
-    assert!(s.remove_member(room.id, b.id).await.unwrap());
-    assert!(!s.remove_member(room.id, b.id).await.unwrap(), "second removal: not a member");
-    assert!(!s.remove_member(-1, a.id).await.unwrap());
+    assert_eq!(s.remove_member(room.id, b.id).await.unwrap(), Removal::Removed);
+    assert_eq!(s.remove_member(room.id, b.id).await.unwrap(), Removal::NotMember, "second removal: not a member");
+    assert_eq!(s.remove_member(-1, a.id).await.unwrap(), Removal::NotMember);
     assert_eq!(s.member(room.id, b.id).await.unwrap(), None);
     // Removed members may be added back; their cursors, and where they
     // joined, start at the room's last seq then.
@@ -312,8 +312,8 @@ async fn mutes_outlast_leaving(s: DynStore) {
     };
     s.update_member(room.id, a.id, &MemberChange::MuteUntil(later)).await.unwrap();
     s.update_member(room.id, b.id, &MemberChange::MuteUntil(5)).await.unwrap(); // long over
-    assert!(s.remove_member(room.id, a.id).await.unwrap());
-    assert!(s.remove_member(room.id, b.id).await.unwrap());
+    assert_eq!(s.remove_member(room.id, a.id).await.unwrap(), Removal::Removed);
+    assert_eq!(s.remove_member(room.id, b.id).await.unwrap(), Removal::Removed);
     assert_eq!(s.add_members(&[Member::new(room.id, a.id, Role::Member, 2)]).await.unwrap(), vec![a.id]);
     assert_eq!(mute_until(a.id).await, later, "the running mute came back");
     let request = JoinRequest {
@@ -341,10 +341,10 @@ async fn mutes_outlast_leaving(s: DynStore) {
     // Two removals of one muted member at once: one removes, neither fails.
     s.update_member(room.id, c.id, &MemberChange::MuteUntil(later)).await.unwrap();
     let (first, second) = tokio::join!(s.remove_member(room.id, c.id), s.remove_member(room.id, c.id));
-    assert_eq!([first.unwrap(), second.unwrap()].iter().filter(|removed| **removed).count(), 1);
+    assert_eq!([first.unwrap(), second.unwrap()].iter().filter(|r| **r == Removal::Removed).count(), 1);
     s.add_members(&[Member::new(room.id, c.id, Role::Member, 5)]).await.unwrap();
     assert_eq!(mute_until(c.id).await, later);
-    assert!(s.remove_member(room.id, a.id).await.unwrap());
+    assert_eq!(s.remove_member(room.id, a.id).await.unwrap(), Removal::Removed);
     s.add_members(&[Member::new(room.id, a.id, Role::Member, 4)]).await.unwrap();
     assert_eq!(mute_until(a.id).await, 0);
 }
@@ -356,19 +356,19 @@ async fn owner_leaves_last(s: DynStore) {
     let o = make_user(&s, "ol_o").await;
     let a = make_user(&s, "ol_a").await;
     let room = make_room(&s, "owner-leaves", o.id, &[a.id], 1).await;
-    assert_eq!(s.remove_last_member(room.id, o.id).await.unwrap(), None, "a is still a member");
+    assert_eq!(s.remove_member(room.id, o.id).await.unwrap(), Removal::OwnerNotLast, "a is still a member");
     assert!(s.member(room.id, o.id).await.unwrap().is_some(), "nothing removed");
-    assert!(s.remove_member(room.id, a.id).await.unwrap());
-    assert_eq!(s.remove_last_member(-1, o.id).await.unwrap(), Some(false), "no such room");
-    assert_eq!(s.remove_last_member(room.id, o.id).await.unwrap(), Some(true), "alone: removed");
-    assert_eq!(s.remove_last_member(room.id, o.id).await.unwrap(), Some(false), "not a member");
+    assert_eq!(s.remove_member(room.id, a.id).await.unwrap(), Removal::Removed);
+    assert_eq!(s.remove_member(-1, o.id).await.unwrap(), Removal::NotMember, "no such room");
+    assert_eq!(s.remove_member(room.id, o.id).await.unwrap(), Removal::Removed, "alone: removed");
+    assert_eq!(s.remove_member(room.id, o.id).await.unwrap(), Removal::NotMember);
     assert_eq!(s.member(room.id, o.id).await.unwrap(), None);
 
-    let closed = |r: Result<Vec<UserId>, Error>| matches!(r, Err(Error::NotFound(why)) if why == ROOM_CLOSED);
-    assert!(closed(s.add_members(&[Member::new(room.id, a.id, Role::Member, 2)]).await), "closed room");
+    let closed = |r: &Result<Vec<UserId>, Error>| matches!(r, Err(Error::NotFound(why)) if why == ROOM_CLOSED);
+    assert!(closed(&s.add_members(&[Member::new(room.id, a.id, Role::Member, 2)]).await), "closed room");
     assert!(s.members(room.id).await.unwrap().is_empty());
     let unknown = s.add_members(&[Member::new(-1, a.id, Role::Member, 2)]).await;
-    assert!(matches!(unknown, Err(Error::NotFound(_))), "{unknown:?}");
+    assert!(matches!(&unknown, Err(Error::NotFound(why)) if why != ROOM_CLOSED), "{unknown:?}");
 
     // An approval into a closed room fails whole: the request stays pending.
     let open = make_room(&s, "owner-leaves-2", o.id, &[], 1).await;
@@ -381,27 +381,43 @@ async fn owner_leaves_last(s: DynStore) {
         created_at: 3,
     };
     s.insert_join_request(&request).await.unwrap();
-    assert_eq!(s.remove_last_member(open.id, o.id).await.unwrap(), Some(true));
+    assert_eq!(s.remove_member(open.id, o.id).await.unwrap(), Removal::Removed);
     let approved = s.decide_join_request(request.id, true, Some(&Member::new(open.id, a.id, Role::Member, 4))).await;
     assert!(matches!(&approved, Err(Error::NotFound(why)) if why == ROOM_CLOSED), "{approved:?}");
     assert_eq!(s.join_request(request.id).await.unwrap().unwrap().status, JoinRequestStatus::Pending);
 
-    // Races: a join and the owner's last leave at once, in many rooms. One
-    // of the two wins; never a member without the owner.
+    // Races, in many rooms. A join and the owner's last leave at once: one
+    // of the two wins, never a member without the owner.
     for i in 0..20 {
         let owner = make_user(&s, &format!("olr_o{i}")).await;
         let joiner = make_user(&s, &format!("olr_j{i}")).await;
         let room = make_room(&s, "owner-leaves-race", owner.id, &[], 1).await;
         let join = [Member::new(room.id, joiner.id, Role::Member, 5)];
-        let (left, joined) = tokio::join!(s.remove_last_member(room.id, owner.id), s.add_members(&join));
+        let (left, joined) = tokio::join!(s.remove_member(room.id, owner.id), s.add_members(&join));
         let members: Vec<UserId> = s.members(room.id).await.unwrap().iter().map(|m| m.user_id).collect();
         match (left.unwrap(), joined) {
-            (Some(true), Err(Error::NotFound(_))) => assert!(members.is_empty(), "{members:?}"),
-            (None, Ok(added)) => {
+            (Removal::Removed, ref joined) if closed(joined) => assert!(members.is_empty(), "{members:?}"),
+            (Removal::OwnerNotLast, Ok(added)) => {
                 assert_eq!(added, vec![joiner.id]);
                 assert_eq!(members, vec![owner.id, joiner.id]);
             }
             other => panic!("race {i}: {other:?}, members {members:?}"),
+        }
+    }
+    // A member removed while ownership moves to them: either the transfer
+    // finds them gone, or the removal finds them the owner (not last).
+    for i in 0..20 {
+        let owner = make_user(&s, &format!("olt_o{i}")).await;
+        let heir = make_user(&s, &format!("olt_h{i}")).await;
+        let room = make_room(&s, "owner-moves-race", owner.id, &[heir.id], 1).await;
+        let (moved, removed) =
+            tokio::join!(s.transfer_ownership(room.id, owner.id, heir.id), s.remove_member(room.id, heir.id));
+        let owner_now = s.room(room.id).await.unwrap().unwrap().owner_id;
+        assert!(s.member(room.id, owner_now).await.unwrap().is_some(), "race {i}: {moved:?} {removed:?}");
+        match (moved, removed.unwrap()) {
+            (Ok(()), Removal::OwnerNotLast) => assert_eq!(owner_now, heir.id),
+            (Err(_), Removal::Removed) => assert_eq!(owner_now, owner.id),
+            other => panic!("race {i}: {other:?}"),
         }
     }
 }
@@ -544,7 +560,7 @@ async fn search(s: DynStore) {
     assert!(s.search_rooms(&tag, 0).await.unwrap().is_empty());
     assert!(s.search_rooms("no such room name anywhere", 10).await.unwrap().is_empty());
     // A room its owner left (closed: it takes no one in) is not listed.
-    s.remove_member(bang.id, o.id).await.unwrap();
+    assert_eq!(s.remove_member(bang.id, o.id).await.unwrap(), Removal::Removed);
     assert!(!ids(s.search_rooms(&tag, 100).await.unwrap()).contains(&bang.id));
 }
 
@@ -567,7 +583,10 @@ async fn join_requests(s: DynStore) {
     let rb = req(b.id, 10);
     s.insert_join_request(&ra).await.unwrap();
     s.insert_join_request(&rb).await.unwrap();
-    assert!(matches!(s.insert_join_request(&ra).await, Err(Error::Conflict(_))), "same request id twice");
+    match s.insert_join_request(&ra).await {
+        Err(Error::Conflict(why)) => assert!(!why.contains("pending"), "same request id twice: {why}"),
+        other => panic!("same request id twice: {other:?}"),
+    }
     // One pending request per user and room, whatever its id: two sent at
     // once both pass the domain's "already pending?" read.
     match s.insert_join_request(&req(a.id, 21)).await {
