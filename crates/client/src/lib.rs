@@ -205,11 +205,26 @@ impl Client {
         Ok(self.post::<_, JoinRequestIdResponse>("/api/chat/group/join/request", &req).await?.request_id)
     }
 
+    /// The first page (50) of the room's pending requests, oldest first.
     pub async fn join_requests(&self, room_id: Id) -> Result<Vec<JoinRequestView>> {
-        Ok(self
-            .get::<JoinRequestsResponse>(&format!("/api/chat/group/join/requests?room_id={room_id}"))
-            .await?
-            .requests)
+        Ok(self.join_requests_page(room_id, None, None).await?.requests)
+    }
+
+    /// A page of pending requests after the request `after`, at most `limit`.
+    pub async fn join_requests_page(
+        &self,
+        room_id: Id,
+        after: Option<Id>,
+        limit: Option<u32>,
+    ) -> Result<JoinRequestsResponse> {
+        let mut path = format!("/api/chat/group/join/requests?room_id={room_id}");
+        if let Some(after) = after {
+            path.push_str(&format!("&after={after}"));
+        }
+        if let Some(limit) = limit {
+            path.push_str(&format!("&limit={limit}"));
+        }
+        self.get::<JoinRequestsResponse>(&path).await
     }
 
     pub async fn respond_join(&self, request_id: Id, approve: bool) -> Result<JoinRequestView> {

@@ -21,6 +21,9 @@ use crate::{validate, Error, Result};
 /// Most users one create/add_members call may name.
 pub const MAX_MEMBERS_PER_CALL: usize = 1000;
 pub const SEARCH_LIMIT_MAX: u32 = 100;
+/// Pending join requests per page.
+pub const JOIN_REQUESTS_LIMIT_DEFAULT: u32 = 50;
+pub const JOIN_REQUESTS_LIMIT_MAX: u32 = 200;
 
 /// Only rooms really created count (a request that fails validation, or
 /// finds its direct room already there, is not counted).
@@ -446,10 +449,33 @@ impl Rooms {
         Ok(request.id)
     }
 
-    pub async fn join_requests(&self, actor: UserId, room_id: RoomId) -> Result<Vec<JoinRequest>> {
+    /// A page of the room's pending requests, oldest first, after the request
+    /// `after` (the last of the previous page); and whether more follow.
+    pub async fn join_requests(
+        &self,
+        actor: UserId,
+        room_id: RoomId,
+        after: Option<i64>,
+        limit: Option<u32>,
+    ) -> Result<(Vec<JoinRequest>, bool)> {
+        let limit = limit.unwrap_or(JOIN_REQUESTS_LIMIT_DEFAULT);
+        if !(1..=JOIN_REQUESTS_LIMIT_MAX).contains(&limit) {
+            return Err(Error::bad_request(format!("limit must be 1 to {JOIN_REQUESTS_LIMIT_MAX}")));
+        }
         self.group_room(room_id).await?;
         self.require_moderator(room_id, actor).await?;
-        self.store.pending_join_requests(room_id).await
+        let after = match after {
+            None => None,
+            // Decided since is fine: it still marks a place in the order.
+            Some(id) => match self.store.join_request(id).await? {
+                Some(r) if r.room_id == room_id => Some((r.created_at, r.id)),
+                _ => return Err(Error::bad_request("after must be a join request of this room")),
+            },
+        };
+        let mut requests = self.store.pending_join_requests(room_id, after, limit + 1).await?;
+        let has_more = requests.len() > limit as usize;
+        requests.truncate(limit as usize);
+        Ok((requests, has_more))
     }
 
     /// Answers a pending request; returns it as decided.

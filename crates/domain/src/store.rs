@@ -69,8 +69,14 @@ pub trait RoomStore: Send + Sync {
     async fn insert_join_request(&self, request: &JoinRequest) -> Result<()>;
     async fn join_request(&self, id: i64) -> Result<Option<JoinRequest>>;
     async fn pending_join_request(&self, room: RoomId, user: UserId) -> Result<Option<JoinRequest>>;
-    /// Pending requests of a room, oldest first.
-    async fn pending_join_requests(&self, room: RoomId) -> Result<Vec<JoinRequest>>;
+    /// Pending requests of a room, oldest first (by `created_at`, then id),
+    /// at most `limit`, those after `after` (a request's `(created_at, id)`).
+    async fn pending_join_requests(
+        &self,
+        room: RoomId,
+        after: Option<(i64, i64)>,
+        limit: u32,
+    ) -> Result<Vec<JoinRequest>>;
     /// Marks a pending request approved (adding `member` unless it is a
     /// member already) or rejected, in one transaction. `None` when the
     /// request was no longer pending; otherwise whether `member` was added.

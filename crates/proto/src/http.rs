@@ -158,6 +158,9 @@ pub struct JoinRequestView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JoinRequestsResponse {
     pub requests: Vec<JoinRequestView>,
+    /// More pending requests follow the last one (ask with `after` = its id).
+    #[serde(default)]
+    pub has_more: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -419,6 +419,46 @@ async fn join_policies_requests_and_search() {
 }
 
 #[tokio::test]
+async fn join_requests_are_paged() {
+    let s = TestServer::start().await;
+    let owner = s.user("pgo").await;
+    let room = owner.create_group("paged requests", &[], Some(JoinPolicy::Approval)).await.unwrap();
+    let other = owner.create_group("another", &[], Some(JoinPolicy::Approval)).await.unwrap();
+    let mut asked = Vec::new();
+    for i in 0..5 {
+        let user = s.user(&format!("pg{i}")).await;
+        asked.push(user.request_join(room, None).await.unwrap());
+    }
+    let elsewhere = s.user("pgx").await.request_join(other, None).await.unwrap();
+
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = owner.join_requests_page(room, after, Some(2)).await.unwrap();
+        assert!(page.requests.len() <= 2);
+        seen.extend(page.requests.iter().map(|r| r.request_id));
+        if !page.has_more {
+            break;
+        }
+        after = page.requests.last().map(|r| r.request_id);
+    }
+    assert_eq!(seen, asked, "every request once, oldest first");
+    let all = owner.join_requests_page(room, None, None).await.unwrap();
+    assert_eq!((all.requests.len(), all.has_more), (5, false));
+    // A decided request still marks its place.
+    owner.respond_join(asked[1], false).await.unwrap();
+    let rest = owner.join_requests_page(room, Some(asked[1]), Some(10)).await.unwrap();
+    assert_eq!(rest.requests.iter().map(|r| r.request_id).collect::<Vec<_>>(), asked[2..].to_vec());
+
+    for bad in [Some(0), Some(201)] {
+        expect_code(owner.join_requests_page(room, None, bad).await, 400);
+    }
+    expect_code(owner.join_requests_page(room, Some(elsewhere), None).await, 400);
+    expect_code(owner.join_requests_page(room, Some(Id(12345)), None).await, 400);
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn messages_history_and_room_list() {
     let s = TestServer::start().await;
     let (a, b, outsider) = (s.user("a").await, s.user("b").await, s.user("o").await);

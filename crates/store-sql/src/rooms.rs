@@ -529,15 +529,27 @@ impl RoomStore for SqlStore {
         .await
     }
 
-    async fn pending_join_requests(&self, room: RoomId) -> Result<Vec<JoinRequest>> {
+    async fn pending_join_requests(
+        &self,
+        room: RoomId,
+        after: Option<(i64, i64)>,
+        limit: u32,
+    ) -> Result<Vec<JoinRequest>> {
         const OP: &str = "pending_join_requests";
         observe(OP, async {
+            // Keyset paging; `i64::MIN` for "from the start" keeps one statement.
+            let (created_at, id) = after.unwrap_or((i64::MIN, i64::MIN));
             let sql = self.sql_owned(format!(
-                "SELECT {JOIN_REQUEST_COLS} FROM join_requests WHERE room_id = ? AND status = ? ORDER BY created_at, id"
+                "SELECT {JOIN_REQUEST_COLS} FROM join_requests WHERE room_id = ? AND status = ? \
+                 AND (created_at > ? OR (created_at = ? AND id > ?)) ORDER BY created_at, id LIMIT ?"
             ));
             let found = sqlx::query(&sql)
                 .bind(room)
                 .bind(rows::status_code(JoinRequestStatus::Pending))
+                .bind(created_at)
+                .bind(created_at)
+                .bind(id)
+                .bind(i64::from(limit))
                 .fetch_all(&self.pool)
                 .await
                 .map_err(|e| map_err(OP, e))?;

@@ -118,13 +118,20 @@ pub struct RoomQuery {
     room_id: Id,
 }
 
+#[derive(Deserialize)]
+pub struct JoinRequestsQuery {
+    room_id: Id,
+    after: Option<Id>,
+    limit: Option<u32>,
+}
+
 pub async fn join_requests(
     State(app): State<AppState>,
     Caller(me): Caller,
-    Params(q): Params<RoomQuery>,
+    Params(q): Params<JoinRequestsQuery>,
 ) -> ApiResult<JoinRequestsResponse> {
-    let requests = app.rooms.join_requests(me, q.room_id.0).await?;
-    ok(JoinRequestsResponse { requests: requests.iter().map(views::join_request).collect() })
+    let (requests, has_more) = app.rooms.join_requests(me, q.room_id.0, q.after.map(|id| id.0), q.limit).await?;
+    ok(JoinRequestsResponse { requests: requests.iter().map(views::join_request).collect(), has_more })
 }
 
 pub async fn join_respond(

@@ -597,7 +597,21 @@ async fn join_requests(s: DynStore) {
     assert_eq!(s.join_request(-1).await.unwrap(), None);
     assert_eq!(s.pending_join_request(room.id, a.id).await.unwrap(), Some(ra.clone()));
     assert_eq!(s.pending_join_request(room.id, o.id).await.unwrap(), None);
-    assert_eq!(s.pending_join_requests(room.id).await.unwrap(), vec![rb.clone(), ra.clone()], "oldest first");
+    assert_eq!(s.pending_join_requests(room.id, None, 10).await.unwrap(), vec![rb.clone(), ra.clone()], "oldest first");
+    // Keyset pages: after a request's (created_at, id), at most `limit`.
+    assert_eq!(s.pending_join_requests(room.id, None, 1).await.unwrap(), vec![rb.clone()]);
+    assert_eq!(s.pending_join_requests(room.id, Some((rb.created_at, rb.id)), 1).await.unwrap(), vec![ra.clone()]);
+    assert!(s.pending_join_requests(room.id, Some((ra.created_at, ra.id)), 10).await.unwrap().is_empty());
+    // Same created_at: the id breaks the tie.
+    let c = make_user(&s, "jq_c").await;
+    let rc = JoinRequest { id: ra.id + 1_000_000, ..req(c.id, 20) };
+    s.insert_join_request(&rc).await.unwrap();
+    assert_eq!(s.pending_join_requests(room.id, Some((ra.created_at, ra.id)), 10).await.unwrap(), vec![rc.clone()]);
+    assert_eq!(
+        s.pending_join_requests(room.id, Some((rb.created_at, rb.id)), 10).await.unwrap(),
+        vec![ra.clone(), rc.clone()]
+    );
+    assert_eq!(s.decide_join_request(rc.id, false, None).await.unwrap(), Some(false));
 
     // Approve: the member is added in the same transaction.
     let member = Member::new(room.id, a.id, Role::Member, 30);
@@ -617,7 +631,7 @@ async fn join_requests(s: DynStore) {
     assert_eq!(s.decide_join_request(rb.id, false, None).await.unwrap(), Some(false), "rejected");
     assert_eq!(s.join_request(rb.id).await.unwrap().unwrap().status, JoinRequestStatus::Rejected);
     assert_eq!(s.member(room.id, b.id).await.unwrap(), None);
-    assert!(s.pending_join_requests(room.id).await.unwrap().is_empty());
+    assert!(s.pending_join_requests(room.id, None, 10).await.unwrap().is_empty());
     assert_eq!(s.decide_join_request(-1, true, None).await.unwrap(), None, "unknown request");
 
     // Approving someone who meanwhile became a member still succeeds, and
