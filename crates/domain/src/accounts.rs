@@ -36,8 +36,10 @@ pub struct Accounts {
     tokens: Tokens,
     /// Verified against when the user does not exist, so both failures cost the same.
     dummy_hash: String,
-    failures_by_user: AttemptWindow<String>,
-    logins_by_user: AttemptWindow<String>,
+    // Per username *and* client address: counted per username alone, anyone
+    // could lock a named user out by sending a few wrong passwords.
+    failures_by_user: AttemptWindow<(String, Option<IpAddr>)>,
+    logins_by_user: AttemptWindow<(String, Option<IpAddr>)>,
     failures_by_address: AttemptWindow<IpAddr>,
     registrations_by_address: AttemptWindow<IpAddr>,
 }
@@ -120,18 +122,20 @@ impl Accounts {
         }
         // Names that cannot exist are counted per address only (and never
         // become large keys).
-        let key = validate::username(username).ok();
+        let key = validate::username(username).ok().map(|name| (name, from));
         let by_user = self.failures_by_user.admit(key.clone());
         if by_user == Admission::Refused {
             self.failures_by_address.take_back(from, by_address);
-            return Err(Error::RateLimited("too many failed logins for this user; wait a minute".into()));
+            return Err(Error::RateLimited(
+                "too many failed logins for this user from this address; wait a minute".into(),
+            ));
         }
         // Every login counts here, and stays counted unless no check ran.
         let any = self.logins_by_user.admit(key.clone());
         if any == Admission::Refused {
             self.failures_by_user.take_back(key, by_user);
             self.failures_by_address.take_back(from, by_address);
-            return Err(Error::RateLimited("too many logins for this user; wait a minute".into()));
+            return Err(Error::RateLimited("too many logins for this user from this address; wait a minute".into()));
         }
         let checked = self.check_password(username, password).await;
         if checked.is_err() {

@@ -74,10 +74,12 @@ pub struct AuthConfig {
     /// HS256 secret, at least 32 bytes. Required in production mode.
     pub jwt_secret: String,
     pub token_ttl_s: u64,
-    /// Failed logins for one username per minute before further attempts
-    /// get 429 (0: no limit).
+    /// Failed logins for one username from one client address per minute
+    /// before further attempts get 429 (0: no limit). Per address too, so
+    /// that nobody can lock a user out by guessing wrong on purpose.
     pub max_login_failures_per_minute: u32,
-    /// Logins for one username per minute, successful or not (0: no limit).
+    /// Logins for one username from one client address per minute,
+    /// successful or not (0: no limit).
     pub max_logins_per_user_per_minute: u32,
     /// Failed logins from one client address per minute, whatever the
     /// usernames, before further attempts get 429 (0: no limit).

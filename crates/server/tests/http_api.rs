@@ -128,7 +128,8 @@ async fn failed_logins_are_rate_limited() {
         expect_code(anon.login("victim", "guess-guess").await, 401);
     }
     expect_code(anon.login("victim", "guess-guess").await, 429);
-    // Even the right password waits out the window: the limit is per username.
+    // Even the right password waits out the window from this address (the
+    // limit is per username and client address; see the next test).
     expect_code(anon.login("victim", PASSWORD).await, 429);
     // Other users are unaffected.
     anon.register("bystander", PASSWORD, None).await.unwrap();
@@ -175,6 +176,8 @@ async fn logins_and_registrations_are_limited_per_client_address() {
     let s = TestServer::start_changed(|c| {
         c.auth.max_registrations_per_address_per_minute = 2;
         c.auth.max_login_failures_per_address_per_minute = 3;
+        c.auth.max_login_failures_per_minute = 2;
+        c.auth.max_logins_per_user_per_minute = 3;
         c.auth.client_address_header = "x-forwarded-for".into();
     })
     .await;
@@ -194,6 +197,19 @@ async fn logins_and_registrations_are_limited_per_client_address() {
     assert_eq!(auth_from(&s, "10.0.0.1", "/login", "nobody-3", "wrong-password").await, 429);
     assert_eq!(auth_from(&s, "10.0.0.1", "/login", "second", PASSWORD).await, 429, "the address waits it out");
     assert_eq!(auth_from(&s, "10.0.0.2", "/login", "second", PASSWORD).await, 200);
+    // A user's failures and logins count per address: wrong guesses sent
+    // from one address do not lock the user out elsewhere.
+    assert_eq!(auth_from(&s, "10.0.0.7", "/register", "locked", PASSWORD).await, 200);
+    for _ in 0..2 {
+        assert_eq!(auth_from(&s, "10.0.0.8", "/login", "locked", "wrong-password").await, 401);
+    }
+    assert_eq!(auth_from(&s, "10.0.0.8", "/login", "locked", PASSWORD).await, 429);
+    assert_eq!(auth_from(&s, "10.0.0.7", "/login", "locked", PASSWORD).await, 200, "not locked out elsewhere");
+    for _ in 0..3 {
+        assert_eq!(auth_from(&s, "10.0.0.9", "/login", "second", PASSWORD).await, 200);
+    }
+    assert_eq!(auth_from(&s, "10.0.0.9", "/login", "second", PASSWORD).await, 429, "logins per user and address");
+    assert_eq!(auth_from(&s, "10.0.0.10", "/login", "second", PASSWORD).await, 200);
     // IPv6 clients count per /64.
     assert_eq!(auth_from(&s, "2001:db8::1", "/register", "v6-a", PASSWORD).await, 200);
     assert_eq!(auth_from(&s, "2001:db8::2", "/register", "v6-b", PASSWORD).await, 200);
