@@ -152,8 +152,9 @@ impl Delivery {
         tokio::spawn(async move {
             let spare: Vec<&str> = connected.iter().map(|d| &**d).collect();
             let keep = MAX_DEVICES_PER_USER - 1;
-            if let Err(e) = store.forget_stale_devices(user_id, keep, idle_before, &spare).await {
-                tracing::warn!(error = %e, user = user_id, "cannot forget stale devices");
+            match store.forget_stale_devices(user_id, keep, idle_before, &spare).await {
+                Ok(forgotten) => metrics::counter!("stacker_devices_forgotten_total").increment(forgotten as u64),
+                Err(e) => tracing::warn!(error = %e, user = user_id, "cannot forget stale devices"),
             }
         });
     }
