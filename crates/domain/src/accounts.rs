@@ -17,11 +17,17 @@ const BAD_LOGIN: &str = "invalid username or password";
 /// means no limit.
 #[derive(Clone, Copy, Debug)]
 pub struct AuthLimits {
-    /// Failed logins for one username before further attempts get 429.
+    /// Failed logins for one username from one client address before
+    /// further attempts from there get 429 (per address, so that nobody can
+    /// lock a user out by guessing wrong on purpose).
     pub failures_per_user: u32,
-    /// Logins for one username, successful or not: each costs an argon2
-    /// check, so one account's password sent in a loop would otherwise
-    /// fill the hashing slots as well as random guesses do.
+    /// Failed logins for one username from all addresses together: a cap on
+    /// guessing one account from many addresses, set well above
+    /// `failures_per_user` so that locking a user out takes many addresses.
+    pub failures_per_user_anywhere: u32,
+    /// Logins for one username from one client address, successful or not:
+    /// each costs an argon2 check, so one account's password sent in a loop
+    /// would otherwise fill the hashing slots as well as random guesses do.
     pub logins_per_user: u32,
     /// Failed logins from one client address (any usernames): a flood of
     /// guesses at random names would otherwise fill the hashing slots.
@@ -39,6 +45,7 @@ pub struct Accounts {
     // Per username *and* client address: counted per username alone, anyone
     // could lock a named user out by sending a few wrong passwords.
     failures_by_user: AttemptWindow<(String, Option<IpAddr>)>,
+    failures_by_user_anywhere: AttemptWindow<String>,
     logins_by_user: AttemptWindow<(String, Option<IpAddr>)>,
     failures_by_address: AttemptWindow<IpAddr>,
     registrations_by_address: AttemptWindow<IpAddr>,
@@ -59,6 +66,7 @@ impl Accounts {
             tokens,
             dummy_hash,
             failures_by_user: AttemptWindow::new(limits.failures_per_user),
+            failures_by_user_anywhere: AttemptWindow::new(limits.failures_per_user_anywhere),
             logins_by_user: AttemptWindow::new(limits.logins_per_user),
             failures_by_address: AttemptWindow::new(limits.failures_per_address),
             registrations_by_address: AttemptWindow::new(limits.registrations_per_address),
@@ -68,6 +76,7 @@ impl Accounts {
     /// Changeable while running (config reload).
     pub fn set_limits(&self, limits: AuthLimits) {
         self.failures_by_user.set_limit(limits.failures_per_user);
+        self.failures_by_user_anywhere.set_limit(limits.failures_per_user_anywhere);
         self.logins_by_user.set_limit(limits.logins_per_user);
         self.failures_by_address.set_limit(limits.failures_per_address);
         self.registrations_by_address.set_limit(limits.registrations_per_address);
@@ -122,7 +131,8 @@ impl Accounts {
         }
         // Names that cannot exist are counted per address only (and never
         // become large keys).
-        let key = validate::username(username).ok().map(|name| (name, from));
+        let name = validate::username(username).ok();
+        let key = name.clone().map(|name| (name, from));
         let by_user = self.failures_by_user.admit(key.clone());
         if by_user == Admission::Refused {
             self.failures_by_address.take_back(from, by_address);
@@ -130,9 +140,16 @@ impl Accounts {
                 "too many failed logins for this user from this address; wait a minute".into(),
             ));
         }
+        let anywhere = self.failures_by_user_anywhere.admit(name.clone());
+        if anywhere == Admission::Refused {
+            self.failures_by_user.take_back(key, by_user);
+            self.failures_by_address.take_back(from, by_address);
+            return Err(Error::RateLimited("too many failed logins for this user; wait a minute".into()));
+        }
         // Every login counts here, and stays counted unless no check ran.
         let any = self.logins_by_user.admit(key.clone());
         if any == Admission::Refused {
+            self.failures_by_user_anywhere.take_back(name, anywhere);
             self.failures_by_user.take_back(key, by_user);
             self.failures_by_address.take_back(from, by_address);
             return Err(Error::RateLimited("too many logins for this user from this address; wait a minute".into()));
@@ -142,6 +159,7 @@ impl Accounts {
             self.logins_by_user.take_back(key.clone(), any);
         }
         if !matches!(checked, Ok(None)) {
+            self.failures_by_user_anywhere.take_back(name, anywhere);
             self.failures_by_user.take_back(key, by_user);
             self.failures_by_address.take_back(from, by_address);
         }

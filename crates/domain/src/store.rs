@@ -58,7 +58,8 @@ pub trait RoomStore: Send + Sync {
     /// transaction, and serialized with `add_members` and ownership
     /// transfers: a room never keeps members without its owner.
     async fn remove_member(&self, room: RoomId, user: UserId) -> Result<Removal>;
-    /// False when the user is not a member.
+    /// False when the user is not a member. `Forbidden` for a role change of
+    /// the room's owner (ownership moves only by `transfer_ownership`).
     async fn update_member(&self, room: RoomId, user: UserId, change: &MemberChange) -> Result<bool>;
     /// Atomically: `to` becomes owner, `from` becomes admin, the room's owner_id is `to`.
     async fn transfer_ownership(&self, room: RoomId, from: UserId, to: UserId) -> Result<()>;

@@ -211,6 +211,7 @@ fn auth_limits(config: &Config) -> AuthLimits {
         failures_per_user: config.auth.max_login_failures_per_minute,
         logins_per_user: config.auth.max_logins_per_user_per_minute,
         failures_per_address: config.auth.max_login_failures_per_address_per_minute,
+        failures_per_user_anywhere: config.auth.max_login_failures_per_user_from_all_addresses_per_minute,
         registrations_per_address: config.auth.max_registrations_per_address_per_minute,
     }
 }

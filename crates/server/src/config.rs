@@ -81,6 +81,11 @@ pub struct AuthConfig {
     /// Logins for one username from one client address per minute,
     /// successful or not (0: no limit).
     pub max_logins_per_user_per_minute: u32,
+    /// Failed logins for one username from all client addresses together
+    /// per minute (0: no limit): a cap on guessing one account from many
+    /// addresses, well above the per-address one so that locking a user out
+    /// takes many addresses.
+    pub max_login_failures_per_user_from_all_addresses_per_minute: u32,
     /// Failed logins from one client address per minute, whatever the
     /// usernames, before further attempts get 429 (0: no limit).
     pub max_login_failures_per_address_per_minute: u32,
@@ -332,6 +337,7 @@ impl Default for AuthConfig {
             token_ttl_s: 7 * 24 * 3600,
             max_login_failures_per_minute: 10,
             max_logins_per_user_per_minute: 30,
+            max_login_failures_per_user_from_all_addresses_per_minute: 100,
             max_login_failures_per_address_per_minute: 100,
             max_registrations_per_address_per_minute: 60,
             client_address_header: String::new(),

@@ -178,6 +178,7 @@ async fn logins_and_registrations_are_limited_per_client_address() {
         c.auth.max_login_failures_per_address_per_minute = 3;
         c.auth.max_login_failures_per_minute = 2;
         c.auth.max_logins_per_user_per_minute = 3;
+        c.auth.max_login_failures_per_user_from_all_addresses_per_minute = 3;
         c.auth.client_address_header = "x-forwarded-for".into();
     })
     .await;
@@ -210,6 +211,13 @@ async fn logins_and_registrations_are_limited_per_client_address() {
     }
     assert_eq!(auth_from(&s, "10.0.0.9", "/login", "second", PASSWORD).await, 429, "logins per user and address");
     assert_eq!(auth_from(&s, "10.0.0.10", "/login", "second", PASSWORD).await, 200);
+    // Guesses at one account from many addresses meet a cap of their own.
+    assert_eq!(auth_from(&s, "10.0.0.20", "/register", "guessed", PASSWORD).await, 200);
+    for from in ["10.0.0.21", "10.0.0.21", "10.0.0.22"] {
+        assert_eq!(auth_from(&s, from, "/login", "guessed", "wrong-password").await, 401);
+    }
+    assert_eq!(auth_from(&s, "10.0.0.23", "/login", "guessed", "wrong-password").await, 429, "from all addresses");
+    assert_eq!(auth_from(&s, "10.0.0.20", "/login", "guessed", PASSWORD).await, 429, "the price: for a minute");
     // IPv6 clients count per /64.
     assert_eq!(auth_from(&s, "2001:db8::1", "/register", "v6-a", PASSWORD).await, 200);
     assert_eq!(auth_from(&s, "2001:db8::2", "/register", "v6-b", PASSWORD).await, 200);

@@ -393,8 +393,30 @@ impl RoomStore for SqlStore {
             };
             // Rows matched, not changed, on MySQL too (sqlx connects with
             // CLIENT_FOUND_ROWS), so an unchanged value still reports "is a member".
-            let done = query.bind(room).bind(user).execute(&self.pool).await.map_err(|e| map_err(OP, e))?;
-            Ok(affected(&done) > 0)
+            let query = query.bind(room).bind(user);
+            if !matches!(change, MemberChange::Role(_)) {
+                let done = query.execute(&self.pool).await.map_err(|e| map_err(OP, e))?;
+                return Ok(affected(&done) > 0);
+            }
+            // A role never changes on the room's owner (only a transfer moves
+            // it), judged under the rooms row's lock, as a transfer takes it:
+            // a role change racing a transfer to its target cannot undo it.
+            let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
+            let result = async {
+                let sql =
+                    self.sql_owned(format!("SELECT owner_id FROM rooms WHERE id = ?{}", lock_for_update(self.dialect)));
+                let Some(row) = sqlx::query(&sql).bind(room).fetch_optional(&mut *tx).await? else {
+                    return Ok(false);
+                };
+                if row_int(&row, 0)? == user {
+                    return Err(Fail::Domain(Error::forbidden(
+                        "the owner's role changes only by transferring ownership",
+                    )));
+                }
+                Ok(affected(&query.execute(&mut *tx).await?) > 0)
+            }
+            .await;
+            finish(tx, result).await.map_err(|f| f.into_error(OP))
         })
         .await
     }

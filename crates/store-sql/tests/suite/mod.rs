@@ -246,6 +246,11 @@ async fn member_updates(s: DynStore) {
         assert!(!s.update_member(room.id, stranger.id, &change).await.unwrap(), "{change:?} on a non-member");
     }
     assert_eq!(s.member(room.id, stranger.id).await.unwrap(), None);
+    // The owner's role moves only by a transfer.
+    let owned = s.update_member(room.id, owner.id, &MemberChange::Role(Role::Member)).await;
+    assert!(matches!(owned, Err(Error::Forbidden(_))), "{owned:?}");
+    assert_eq!(s.member(room.id, owner.id).await.unwrap().unwrap().role, Role::Owner);
+    assert!(!s.update_member(-1, u.id, &MemberChange::Role(Role::Member)).await.unwrap(), "no such room");
 }
 
 async fn add_and_remove_members(s: DynStore) {
@@ -419,6 +424,20 @@ async fn owner_leaves_last(s: DynStore) {
             (Err(_), Removal::Removed) => assert_eq!(owner_now, owner.id),
             other => panic!("race {i}: {other:?}"),
         }
+    }
+    // A role change racing a transfer to its target: the owner keeps the
+    // owner's role either way.
+    for i in 0..20 {
+        let owner = make_user(&s, &format!("olc_o{i}")).await;
+        let heir = make_user(&s, &format!("olc_h{i}")).await;
+        let room = make_room(&s, "owner-role-race", owner.id, &[heir.id], 1).await;
+        let demote = MemberChange::Role(Role::Member);
+        let (moved, changed) =
+            tokio::join!(s.transfer_ownership(room.id, owner.id, heir.id), s.update_member(room.id, heir.id, &demote));
+        moved.unwrap();
+        let owner_now = s.room(room.id).await.unwrap().unwrap().owner_id;
+        assert_eq!(owner_now, heir.id);
+        assert_eq!(s.member(room.id, heir.id).await.unwrap().unwrap().role, Role::Owner, "race {i}: {changed:?}");
     }
 }
 
