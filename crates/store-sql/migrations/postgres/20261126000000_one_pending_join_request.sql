@@ -8,3 +8,7 @@ WHERE status = 0 AND EXISTS (
       AND older.status = 0 AND older.id < join_requests.id
 );
 CREATE UNIQUE INDEX join_requests_pending ON join_requests (room_id, user_id) WHERE status = 0;
+-- Pending requests are read a page at a time, oldest first: the index
+-- serves the order and the keyset, with no sort (it covers the old one).
+DROP INDEX join_requests_room_status;
+CREATE INDEX join_requests_room_status_order ON join_requests (room_id, status, created_at, id);
