@@ -156,6 +156,21 @@ async fn delete_member(
     Ok(true)
 }
 
+/// The room's owner, read with the rooms row locked by `lock` (one of the
+/// two suffixes above); `None` when there is no such room.
+async fn locked_owner(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    room: RoomId,
+    lock: &str,
+) -> std::result::Result<Option<UserId>, Fail> {
+    let sql = dialect.sql(&format!("SELECT owner_id FROM rooms WHERE id = ?{lock}")).into_owned();
+    match sqlx::query(&sql).bind(room).fetch_optional(&mut *conn).await? {
+        Some(row) => Ok(Some(row_int(&row, 0)?)),
+        None => Ok(None),
+    }
+}
+
 /// Refuses to add anyone to a room whose owner is not a member: the owner
 /// left it last, and it takes no one in. The rooms row is share-locked (rooms
 /// row first, as everywhere), so this and an owner's last leave, which locks
@@ -166,13 +181,11 @@ async fn require_owner_present(
     room: RoomId,
 ) -> std::result::Result<(), Fail> {
     let lock = lock_for_share(dialect);
-    let sql = dialect.sql(&format!("SELECT owner_id FROM rooms WHERE id = ?{lock}")).into_owned();
-    let Some(row) = sqlx::query(&sql).bind(room).fetch_optional(&mut *conn).await? else {
+    let Some(owner) = locked_owner(conn, dialect, room, lock).await? else {
         return Err(Fail::Domain(Error::not_found("room not found")));
     };
     // A statement of its own, after the lock is held: PostgreSQL re-checks
     // only the locked row of a statement that waited, not what it joined.
-    let owner = row_int(&row, 0)?;
     let sql = dialect.sql(&format!("SELECT 1 FROM room_members WHERE room_id = ? AND user_id = ?{lock}")).into_owned();
     if sqlx::query(&sql).bind(room).bind(owner).fetch_optional(&mut *conn).await?.is_none() {
         return Err(Fail::Domain(Error::not_found(ROOM_CLOSED)));
@@ -349,12 +362,11 @@ impl RoomStore for SqlStore {
                 // it too, and `add_members` share-locks it, so the owner read
                 // here is current and a join either committed before the
                 // member read below or waits and then finds the owner gone.
-                let sql =
-                    self.sql_owned(format!("SELECT owner_id FROM rooms WHERE id = ?{}", lock_for_update(self.dialect)));
-                let Some(row) = sqlx::query(&sql).bind(room).fetch_optional(&mut *tx).await? else {
+                let Some(owner) = locked_owner(&mut tx, self.dialect, room, lock_for_update(self.dialect)).await?
+                else {
                     return Ok::<_, Fail>(Removal::NotMember);
                 };
-                if row_int(&row, 0)? == user {
+                if owner == user {
                     let sql = self.sql_owned(format!(
                         "SELECT 1 FROM room_members WHERE room_id = ? AND user_id <> ? LIMIT 1{}",
                         lock_for_share(self.dialect)
@@ -403,12 +415,11 @@ impl RoomStore for SqlStore {
             // a role change racing a transfer to its target cannot undo it.
             let mut tx = self.begin_write().await.map_err(|e| map_err(OP, e))?;
             let result = async {
-                let sql =
-                    self.sql_owned(format!("SELECT owner_id FROM rooms WHERE id = ?{}", lock_for_update(self.dialect)));
-                let Some(row) = sqlx::query(&sql).bind(room).fetch_optional(&mut *tx).await? else {
+                let Some(owner) = locked_owner(&mut tx, self.dialect, room, lock_for_update(self.dialect)).await?
+                else {
                     return Ok(false);
                 };
-                if row_int(&row, 0)? == user {
+                if owner == user {
                     return Err(Fail::Domain(Error::forbidden(
                         "the owner's role changes only by transferring ownership",
                     )));
